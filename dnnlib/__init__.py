@@ -1,0 +1,1 @@
+"""Small utilities shared by the whole project: EasyDict, class construction, URL opening."""

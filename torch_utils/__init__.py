@@ -1,0 +1,1 @@
+"""Training-time utilities: distributed setup, statistics, misc helpers."""

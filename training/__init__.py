@@ -1,0 +1,1 @@
+"""Patch Diffusion training code: data, networks, patches, loss, augmentation."""
