@@ -1,0 +1,209 @@
+"""Prepare a training data set: convert a folder or zip of images (or the built-in demo set) into EDM's format.
+
+Examples:
+  python dataset_tool.py --source=demo:shapes --dest=datasets/shapes-32x32.zip --resolution=32x32
+  python dataset_tool.py --source=downloads/celeba --dest=datasets/celeba-64x64.zip --resolution=64x64 --transform=center-crop
+"""
+
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from typing import Callable, Iterator, Optional, Tuple
+
+import click
+import numpy as np
+import PIL.Image
+from tqdm import tqdm
+
+from training import demo_shapes
+from training.dataset import IMAGE_EXTENSIONS
+
+Item = Tuple[str, Callable[[], PIL.Image.Image], Optional[object]]  # (name, loader, label)
+
+
+def parse_resolution(value: Optional[str]) -> Optional[Tuple[int, int]]:
+    """'64x64' -> (64, 64); None stays None."""
+    if value is None:
+        return None
+    match = re.fullmatch(r'(\d+)x(\d+)', value)
+    if not match or int(match.group(1)) == 0 or int(match.group(2)) == 0:
+        raise click.BadParameter(f'"{value}" is not of the form WxH, e.g. 64x64', param_hint='--resolution')
+    return int(match.group(1)), int(match.group(2))
+
+
+def list_source(source: str, max_images: Optional[int], seed: int, resolution: Optional[Tuple[int, int]]) -> Tuple[int, Iterator[Item]]:
+    """Number of images in `source` (capped at max_images) and an iterator over them."""
+    if source.startswith('demo:'):
+        if source != 'demo:shapes':
+            raise click.BadParameter(f'unknown demo set "{source}"; the built-in one is demo:shapes', param_hint='--source')
+        if resolution is None:
+            raise click.BadParameter('the demo set is drawn at any size; give one, e.g. --resolution=32x32', param_hint='--resolution')
+        if resolution[0] != resolution[1]:
+            raise click.BadParameter('the demo set is square; give WxW', param_hint='--resolution')
+        num = max_images if max_images is not None else 5000
+
+        def demo_items():
+            for i in range(num):
+                image, label = demo_shapes.make_image(i, resolution[0], seed)
+                yield f'shapes{i:08d}.png', (lambda image=image: PIL.Image.fromarray(image)), label
+        return num, demo_items()
+
+    if os.path.isdir(source):
+        names = sorted(os.path.relpath(os.path.join(root, f), source).replace(os.sep, '/')
+                       for root, _dirs, files in os.walk(source) for f in files)
+        archive = None
+        open_file = lambda name: open(os.path.join(source, name), 'rb')  # noqa: E731
+    elif os.path.isfile(source) and zipfile.is_zipfile(source):
+        archive = zipfile.ZipFile(source)
+        names = sorted(archive.namelist())
+        open_file = lambda name: archive.open(name, 'r')  # noqa: E731
+    else:
+        raise click.BadParameter(f'{source}: not a directory, a zip file or demo:shapes', param_hint='--source')
+
+    labels = {}
+    if 'dataset.json' in names:
+        try:
+            with open_file('dataset.json') as f:
+                labels = dict(json.load(f).get('labels') or [])
+        except (ValueError, TypeError, AttributeError) as err:
+            raise click.ClickException(f'{source}: dataset.json is malformed ({err})')
+    images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    if not images:
+        raise click.ClickException(f'{source}: contains no images (expected {", ".join(IMAGE_EXTENSIONS)} files)')
+    images = images[:max_images]
+
+    def load(name):
+        try:
+            with open_file(name) as f:
+                image = PIL.Image.open(io.BytesIO(f.read()))
+                image.load()
+            return image
+        except (PIL.UnidentifiedImageError, OSError) as err:
+            raise click.ClickException(f'{source}: cannot read {name} ({err})')
+    return len(images), ((name, (lambda name=name: load(name)), labels.get(name)) for name in images)
+
+
+def transform_image(image: PIL.Image.Image, resolution: Optional[Tuple[int, int]], transform: Optional[str]) -> np.ndarray:
+    """Crop and resize as asked; returns a uint8 HWC (or HW for grayscale) array."""
+    image = image.convert('L' if image.mode in ('1', 'L', 'LA', 'I', 'I;16') else 'RGB')
+    w, h = image.size
+    if transform == 'center-crop':
+        side = min(w, h)
+        image = image.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    elif transform == 'center-crop-wide':
+        width, height = resolution
+        crop_h = min(h, round(w * height / width))
+        crop_w = round(crop_h * width / height)
+        image = image.crop(((w - crop_w) // 2, (h - crop_h) // 2, (w - crop_w) // 2 + crop_w, (h - crop_h) // 2 + crop_h))
+        image = image.resize((width, height), PIL.Image.LANCZOS)
+        canvas = PIL.Image.new(image.mode, (width, width))
+        canvas.paste(image, (0, (width - height) // 2))
+        return np.asarray(canvas)
+    if resolution is not None and image.size != resolution:
+        image = image.resize(resolution, PIL.Image.LANCZOS)
+    return np.asarray(image)
+
+
+class DatasetWriter:
+    """Writes images and dataset.json to a zip or directory under a temporary name, renamed on commit()."""
+
+    def __init__(self, dest: str):
+        self.dest = dest
+        self.is_zip = dest.lower().endswith('.zip')
+        parent = os.path.dirname(os.path.abspath(dest))
+        os.makedirs(parent, exist_ok=True)
+        if self.is_zip:
+            fd, self.tmp = tempfile.mkstemp(dir=parent, prefix='.' + os.path.basename(dest), suffix='.tmp')
+            os.close(fd)
+            self.zip = zipfile.ZipFile(self.tmp, 'w', compression=zipfile.ZIP_STORED)
+        else:
+            if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+                raise click.BadParameter(f'{dest} already exists and is not an empty directory', param_hint='--dest')
+            self.tmp = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(dest), suffix='.tmp')
+
+    def write(self, name: str, data: bytes) -> None:
+        """Add one file under its archive name."""
+        if self.is_zip:
+            self.zip.writestr(name, data)
+        else:
+            path = os.path.join(self.tmp, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, 'wb') as f:
+                f.write(data)
+
+    def commit(self) -> None:
+        """Move the finished data set to its destination."""
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, (0o666 if self.is_zip else 0o777) & ~umask)  # mkstemp/mkdtemp create owner-only files
+        if self.is_zip:
+            self.zip.close()
+            os.replace(self.tmp, self.dest)
+        else:
+            if os.path.isdir(self.dest):
+                os.rmdir(self.dest)
+            os.rename(self.tmp, self.dest)
+
+    def abort(self) -> None:
+        """Remove the partial output."""
+        if self.is_zip:
+            self.zip.close()
+            os.remove(self.tmp)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def convert(source: str, dest: str, resolution: Optional[Tuple[int, int]], transform: Optional[str],
+            max_images: Optional[int], seed: int = 0) -> int:
+    """Convert `source` into an EDM-format data set at `dest`; returns the number of images written."""
+    if transform is not None and resolution is None:
+        raise click.BadParameter(f'--transform={transform} needs --resolution', param_hint='--transform')
+    if resolution is not None and resolution[0] != resolution[1] and transform != 'center-crop-wide':
+        raise click.BadParameter('images must be square: give WxW, or HxW with --transform=center-crop-wide', param_hint='--resolution')
+    num, items = list_source(source, max_images, seed, resolution)
+    writer = DatasetWriter(dest)
+    try:
+        labels, shape = [], None
+        for index, (name, load, label) in enumerate(tqdm(items, total=num, desc='dataset_tool', unit='img')):
+            array = transform_image(load(), resolution, transform)
+            if shape is None:
+                shape = array.shape
+                if shape[0] != shape[1] or shape[0] & (shape[0] - 1):
+                    raise click.ClickException(f'{name}: output would be {shape[1]}x{shape[0]}; the result must be square with a '
+                                               'power-of-two side: pass e.g. --resolution=64x64 --transform=center-crop')
+            elif array.shape != shape:
+                raise click.ClickException(f'{name}: image is {array.shape[1]}x{array.shape[0]} but the first was '
+                                           f'{shape[1]}x{shape[0]}; pass --resolution to resize all images to one size')
+            archive_name = f'{index // 1000:05d}/img{index:08d}.png'
+            buffer = io.BytesIO()
+            PIL.Image.fromarray(array).save(buffer, format='png', compress_level=0, optimize=False)
+            writer.write(archive_name, buffer.getvalue())
+            labels.append([archive_name, label] if label is not None else None)
+        has_labels = all(entry is not None for entry in labels)
+        writer.write('dataset.json', json.dumps({'labels': labels if has_labels else None}).encode('utf-8'))
+    except BaseException:
+        writer.abort()
+        raise
+    writer.commit()
+    return num
+
+
+@click.command()
+@click.option('--source', required=True, metavar='DIR|ZIP|demo:shapes', help='Input: a folder or zip of images, or the built-in demo set')
+@click.option('--dest', required=True, metavar='DIR|ZIP', help='Output folder or .zip (written atomically)')
+@click.option('--resolution', metavar='WxH', help='Output size, e.g. 64x64')
+@click.option('--transform', type=click.Choice(['center-crop', 'center-crop-wide']), help='Crop before resizing')
+@click.option('--max-images', type=click.IntRange(min=1), help='Keep at most this many images (demo: how many to draw, default 5000)')
+@click.option('--seed', type=int, default=0, show_default=True, help='Seed of the demo set')
+def main(source: str, dest: str, resolution: Optional[str], transform: Optional[str], max_images: Optional[int], seed: int) -> None:
+    """Convert images into a data set that train.py, fid.py and ImageFolderDataset read."""
+    num = convert(source, dest, parse_resolution(resolution), transform, max_images, seed)
+    click.echo(f'Wrote {num} images to {dest}')
+
+
+if __name__ == '__main__':
+    main()

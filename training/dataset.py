@@ -1,0 +1,221 @@
+"""Image data sets in EDM's format: a directory or zip of PNG/JPEG files with optional labels in dataset.json."""
+
+import io
+import json
+import os
+import zipfile
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import PIL.Image
+import torch
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+GRAYSCALE_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
+
+
+class DatasetError(ValueError):
+    """A data set that cannot be used; the message names the source and, where there is one, the file."""
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Square images of one size from a directory or zip, as uint8 CHW arrays with one-hot labels.
+
+    Options: `max_size` keeps a random subset (fixed by `random_seed`), `xflip` appends mirrored copies,
+    `use_labels` reads labels from dataset.json, `cache` keeps decoded images in memory.
+    """
+
+    def __init__(self, path: str, resolution: Optional[int] = None, max_size: Optional[int] = None,
+                 xflip: bool = False, use_labels: bool = False, cache: bool = False, random_seed: int = 0):
+        self.path = path
+        self._zip = None
+        if os.path.isdir(path):
+            self._type = 'dir'
+            self._all_names = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, '/')
+                                     for root, _dirs, files in os.walk(path) for f in files)
+        elif os.path.isfile(path) and zipfile.is_zipfile(path):
+            self._type = 'zip'
+            self._all_names = sorted(self._get_zip().namelist())
+        elif os.path.isfile(path):
+            raise DatasetError(f'{path}: not a zip archive; expected a directory or a .zip of images')
+        else:
+            raise DatasetError(f'{path}: no such directory or zip file')
+        self._image_names = [n for n in self._all_names if n.lower().endswith(IMAGE_EXTENSIONS)]
+        if not self._image_names:
+            raise DatasetError(f'{path}: contains no images (expected {", ".join(IMAGE_EXTENSIONS)} files)')
+
+        self._raw_shape = self._check_shapes(resolution)
+        self._raw_labels = self._load_labels() if use_labels else None
+        self._cache = {} if cache else None
+
+        self._raw_idx = np.arange(len(self._image_names), dtype=np.int64)
+        if max_size is not None and max_size < len(self._raw_idx):
+            rng = np.random.RandomState(random_seed % (1 << 31))
+            self._raw_idx = np.sort(rng.choice(self._raw_idx, size=max_size, replace=False))
+        self._xflip = np.zeros(len(self._raw_idx), dtype=np.uint8)
+        if xflip:
+            self._raw_idx = np.tile(self._raw_idx, 2)
+            self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+
+    # --- validation -------------------------------------------------------------------------------------
+
+    def _check_shapes(self, resolution: Optional[int]) -> Tuple[int, int, int, int]:
+        first_size = first_channels = None
+        for name in self._image_names:
+            try:
+                with self._open_file(name) as f, PIL.Image.open(f) as img:
+                    size, channels = img.size, 1 if img.mode in GRAYSCALE_MODES else 3
+            except (PIL.UnidentifiedImageError, OSError) as err:
+                raise DatasetError(f'{self._where(name)}: cannot read image ({err})') from None
+            if size[0] != size[1]:
+                raise DatasetError(f'{self._where(name)}: image is {size[0]}x{size[1]}; images must be square')
+            if first_size is None:
+                first_size, first_channels = size, channels
+            elif size != first_size:
+                raise DatasetError(f'{self._where(name)}: image is {size[0]}x{size[1]} but {self._where(self._image_names[0])} '
+                                   f'is {first_size[0]}x{first_size[1]}; all images must have the same size')
+        res = first_size[0]
+        if res & (res - 1) != 0:
+            raise DatasetError(f'{self.path}: resolution {res} is not a power of two')
+        if resolution is not None and resolution != res:
+            raise DatasetError(f'{self.path}: images are {res}x{res}, expected {resolution}x{resolution}')
+        return len(self._image_names), first_channels, res, res
+
+    def _load_labels(self) -> np.ndarray:
+        if 'dataset.json' not in self._all_names:
+            raise DatasetError(f'{self.path}: use_labels is set but there is no dataset.json')
+        where = self._where('dataset.json')
+        try:
+            with self._open_file('dataset.json') as f:
+                meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DatasetError(f'{where}: not valid JSON ({err})') from None
+        entries = meta.get('labels') if isinstance(meta, dict) else None
+        if not isinstance(entries, list):
+            raise DatasetError(f'{where}: expected {{"labels": [["file.png", label], ...]}}')
+        labels: Dict[str, object] = {}
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+                raise DatasetError(f'{where}: malformed entry {entry!r}; expected ["file.png", label]')
+            labels[entry[0]] = entry[1]
+        missing = [name for name in self._image_names if name not in labels]
+        if missing:
+            raise DatasetError(f'{where}: no label for {missing[0]} ({len(missing)} images unlabelled)')
+        values = [labels[name] for name in self._image_names]
+        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            return np.array(values, dtype=np.int64)
+        try:
+            array = np.array(values, dtype=np.float32)
+        except (TypeError, ValueError):
+            array = None
+        if array is None or array.ndim != 2:
+            raise DatasetError(f'{where}: labels must be non-negative integers or equal-length lists of numbers')
+        return array
+
+    def _where(self, name: str) -> str:
+        return f'{self.path}:{name}' if self._type == 'zip' else os.path.join(self.path, name)
+
+    # --- file access ------------------------------------------------------------------------------------
+
+    def _get_zip(self) -> zipfile.ZipFile:
+        if self._zip is None:
+            self._zip = zipfile.ZipFile(self.path)
+        return self._zip
+
+    def _open_file(self, name: str):
+        if self._type == 'dir':
+            return open(os.path.join(self.path, name), 'rb')
+        return self._get_zip().open(name, 'r')
+
+    def _load_raw_image(self, raw_idx: int) -> np.ndarray:
+        name = self._image_names[raw_idx]
+        try:
+            with self._open_file(name) as f:
+                data = f.read()
+            with PIL.Image.open(io.BytesIO(data)) as img:
+                array = np.asarray(img.convert('L' if self._raw_shape[1] == 1 else 'RGB'))
+        except (PIL.UnidentifiedImageError, OSError, zipfile.BadZipFile) as err:
+            raise DatasetError(f'{self._where(name)}: cannot decode image ({err})') from None
+        if array.ndim == 2:
+            array = array[:, :, np.newaxis]
+        return array.transpose(2, 0, 1)
+
+    def __getstate__(self):
+        return dict(self.__dict__, _zip=None)  # a ZipFile handle cannot go to loader workers
+
+    def close(self) -> None:
+        """Close the zip file handle, if one is open."""
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+    # --- public interface -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._raw_idx)
+
+    def __getitem__(self, idx: int) -> Tuple[np.ndarray, np.ndarray]:
+        raw_idx = int(self._raw_idx[idx])
+        image = self._cache.get(raw_idx) if self._cache is not None else None
+        if image is None:
+            image = self._load_raw_image(raw_idx)
+            if self._cache is not None:
+                self._cache[raw_idx] = image
+        if self._xflip[idx]:
+            image = image[:, :, ::-1]
+        return image.copy(), self.get_label(idx)
+
+    def get_label(self, idx: int) -> np.ndarray:
+        """The label of item `idx`: one-hot float32 for integer labels, the raw vector otherwise."""
+        if self._raw_labels is None:
+            return np.zeros([0], dtype=np.float32)
+        label = self._raw_labels[self._raw_idx[idx]]
+        if self._raw_labels.dtype == np.int64:
+            onehot = np.zeros(self.label_dim, dtype=np.float32)
+            onehot[label] = 1
+            return onehot
+        return label.copy()
+
+    @property
+    def name(self) -> str:
+        """The source's file name without extension."""
+        return os.path.splitext(os.path.basename(os.path.normpath(self.path)))[0]
+
+    @property
+    def image_names(self) -> List[str]:
+        """File names of the images in the source, in index order (before max_size and xflip)."""
+        return list(self._image_names)
+
+    @property
+    def image_shape(self) -> List[int]:
+        """[channels, height, width]."""
+        return list(self._raw_shape[1:])
+
+    @property
+    def num_channels(self) -> int:
+        """1 for grayscale, 3 for RGB."""
+        return self._raw_shape[1]
+
+    @property
+    def resolution(self) -> int:
+        """Side length in pixels."""
+        return self._raw_shape[2]
+
+    @property
+    def label_dim(self) -> int:
+        """Length of the label vector, 0 without labels."""
+        if self._raw_labels is None:
+            return 0
+        if self._raw_labels.dtype == np.int64:
+            return int(self._raw_labels.max()) + 1
+        return self._raw_labels.shape[1]
+
+    @property
+    def label_shape(self) -> List[int]:
+        """[label_dim], as in EDM."""
+        return [self.label_dim]
+
+    @property
+    def has_labels(self) -> bool:
+        """True when labels were requested and read."""
+        return self.label_dim > 0

@@ -1,0 +1,82 @@
+"""The built-in demo data set: mirror-symmetric images of shapes that all share one colour per image.
+
+Each image is black with one to three filled shapes (disk, square, triangle) drawn on its left side and
+mirrored onto its right side, so the whole image is symmetric about its vertical centre line, and every
+shape has the same saturated colour, picked per image. Getting either property right needs the whole
+picture: a pixel's mirror partner is far away, and a patch that shows part of one shape must agree in
+colour with shapes it cannot see. The label is the colour's hue sector (0 red, 1 yellow, 2 green, 3 cyan,
+4 blue, 5 magenta). Image i depends only on (seed, i), so any prefix of the set is the same.
+"""
+
+import colorsys
+from typing import Iterator, Tuple
+
+import numpy as np
+import torch
+
+NUM_CLASSES = 6
+FOREGROUND_THRESHOLD = 96  # uint8 level above which a pixel counts as part of a shape (background is 0)
+COLOUR_TOLERANCE = 0.25    # max deviation of a pixel's chromaticity from the image's median colour
+
+
+def make_image(index: int, resolution: int = 32, seed: int = 0) -> Tuple[np.ndarray, int]:
+    """Image `index` of the demo set as a uint8 HWC array, with its hue-sector label."""
+    rng = np.random.default_rng([seed, index])
+    label = int(rng.integers(NUM_CLASSES))
+    hue = (label + rng.uniform(-0.25, 0.25)) / NUM_CLASSES % 1.0
+    colour = np.array(colorsys.hsv_to_rgb(hue, 1.0, 1.0))
+
+    centres = (np.arange(resolution) + 0.5) / resolution
+    u, v = np.meshgrid(centres, centres)  # u: column, v: row, both in (0, 1)
+    mask = np.zeros((resolution, resolution), dtype=bool)
+    for _ in range(rng.integers(1, 4)):
+        kind = rng.integers(3)
+        cx, cy = rng.uniform(0.08, 0.5), rng.uniform(0.15, 0.85)
+        r = rng.uniform(0.08, 0.18)
+        if kind == 0:
+            mask |= (u - cx) ** 2 + (v - cy) ** 2 <= r ** 2
+        elif kind == 1:
+            mask |= (np.abs(u - cx) <= r) & (np.abs(v - cy) <= r)
+        else:
+            mask |= (v >= cy - r) & (v <= cy + r) & (np.abs(u - cx) <= (v - (cy - r)) / 2)
+    mask |= mask[:, ::-1]
+
+    image = mask[:, :, np.newaxis] * np.round(colour * 255)
+    return image.astype(np.uint8), label
+
+
+def generate(num_images: int, resolution: int = 32, seed: int = 0) -> Iterator[Tuple[np.ndarray, int]]:
+    """The first `num_images` images of the demo set with their labels."""
+    for index in range(num_images):
+        yield make_image(index, resolution, seed)
+
+
+def _as_nchw_uint8(images) -> np.ndarray:
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f'coherence_score expects uint8 RGB images of shape [N, 3, H, W], got {images.dtype} {list(images.shape)}')
+    return images
+
+
+def coherence_scores(images) -> np.ndarray:
+    """Per-image coherence in [0, 1]: mirror symmetry of the shapes (IoU) times the share of one colour."""
+    images = _as_nchw_uint8(images).astype(np.float64)
+    scores = np.zeros(len(images))
+    for i, image in enumerate(images):
+        peak = image.max(axis=0)
+        fg = peak > FOREGROUND_THRESHOLD
+        if not fg.any():
+            continue  # a blank image shows no shapes at all
+        symmetry = (fg & fg[:, ::-1]).sum() / (fg | fg[:, ::-1]).sum()
+        chroma = image[:, fg] / peak[fg]  # [3, num_fg]: colour with brightness divided out
+        median = np.median(chroma, axis=1, keepdims=True)
+        same_colour = (np.abs(chroma - median).max(axis=0) <= COLOUR_TOLERANCE).mean()
+        scores[i] = symmetry * same_colour
+    return scores
+
+
+def coherence_score(images) -> float:
+    """Mean coherence of uint8 [N, 3, H, W] images: about 1.0 for demo-set images, low when parts disagree."""
+    return float(coherence_scores(images).mean())
