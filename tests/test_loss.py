@@ -1,0 +1,149 @@
+"""Tests for training/loss.py with toy networks that follow the Precond call signature."""
+
+import pytest
+import torch
+
+from training.loss import EDMLoss, PatchEDMLoss, PatchVELoss, PatchVPLoss, VELoss, VPLoss
+from training.patch import coordinate_grid, crop_patches
+
+#----------------------------------------------------------------------------
+# Toy networks.
+
+class CoordNet(torch.nn.Module):
+    """Toy patch denoiser: convolves image + 2 coordinate channels; records its inputs."""
+
+    def __init__(self, img_channels=3, out_channels=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(img_channels + 2, out_channels or img_channels, 3, padding=1)
+        self.calls = []
+
+    def forward(self, x, sigma, x_pos=None, class_labels=None, force_fp32=False, augment_labels=None):
+        inputs = torch.cat([x, x_pos], dim=1)
+        self.calls.append(dict(inputs=inputs, sigma=sigma, x_pos=x_pos, class_labels=class_labels, augment_labels=augment_labels))
+        return self.conv(inputs)
+
+class PlainNet(torch.nn.Module):
+    """Toy EDM denoiser without x_pos: outputs zeros, so the loss is weight * y^2; records sigma."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, augment_labels=None):
+        self.calls.append(dict(x=x, sigma=sigma, class_labels=class_labels))
+        return torch.zeros_like(x)
+
+def _clone(generator):
+    return torch.Generator().set_state(generator.get_state())
+
+#----------------------------------------------------------------------------
+
+def test_patch_loss_shape_and_coordinate_channels():
+    images = torch.randn(4, 3, 16, 16)
+    net = CoordNet()
+    loss = PatchEDMLoss()(net, images, 8)
+    assert loss.shape == (4, 3, 8, 8)
+    assert net.calls[0]['inputs'].shape == (4, 5, 8, 8)
+    # A network that also returns its coordinate channels is still scored on image channels only.
+    assert PatchEDMLoss()(CoordNet(out_channels=5), images, 8).shape == (4, 3, 8, 8)
+
+def test_patch_loss_equals_hand_computation():
+    images, labels = torch.randn(5, 3, 16, 16), torch.eye(5)
+    gen = torch.Generator().manual_seed(42)
+    replay = _clone(gen)
+    net = CoordNet()
+    loss = PatchEDMLoss(P_mean=-1.0, P_std=1.5, sigma_data=0.4)(net, images, 4, labels=labels, generator=gen)
+
+    # Same draws in the same order: crop positions, ln(sigma), noise.
+    y, coords = crop_patches(images, 4, generator=replay)
+    sigma = (torch.randn([5, 1, 1, 1], generator=replay) * 1.5 - 1.0).exp()
+    n = torch.randn(y.shape, generator=replay) * sigma
+    with torch.no_grad():
+        D = net.conv(torch.cat([y + n, coords], dim=1))
+    weight = (sigma ** 2 + 0.4 ** 2) / (sigma * 0.4) ** 2
+    torch.testing.assert_close(loss, weight * (D - y) ** 2)
+    assert torch.equal(net.calls[0]['x_pos'], coords)
+    assert torch.equal(net.calls[0]['sigma'], sigma)
+    assert net.calls[0]['class_labels'] is labels
+
+def test_augment_pipe_is_applied_to_whole_image_before_cropping():
+    images = torch.randn(3, 3, 8, 8)
+    aug_labels = torch.ones(3, 9)
+    pipe = lambda x: (x.flip(3), aug_labels)
+    gen = torch.Generator().manual_seed(0)
+    replay = _clone(gen)
+    net = CoordNet()
+    PatchEDMLoss()(net, images, 4, augment_pipe=pipe, generator=gen)
+    y, _ = crop_patches(images.flip(3), 4, generator=replay)
+    sigma = (torch.randn([3, 1, 1, 1], generator=replay) * 1.2 - 1.2).exp()
+    n = torch.randn(y.shape, generator=replay) * sigma
+    torch.testing.assert_close(net.calls[0]['inputs'][:, :3], y + n)
+    assert net.calls[0]['augment_labels'] is aug_labels
+
+@pytest.mark.parametrize('patch_size', [16, None])
+def test_full_size_patch_uses_full_grid(patch_size):
+    net = CoordNet()
+    loss = PatchEDMLoss()(net, torch.randn(3, 3, 16, 16), patch_size)
+    assert loss.shape == (3, 3, 16, 16)
+    assert torch.equal(net.calls[0]['x_pos'], coordinate_grid(16, 16).expand(3, 2, 16, 16))
+
+def test_plain_loss_calls_net_without_x_pos():
+    net = PlainNet() # forward() has no x_pos argument: passing one would raise TypeError
+    images = torch.randn(4, 3, 8, 8)
+    loss = EDMLoss()(net, images)
+    assert loss.shape == images.shape
+    assert EDMLoss()(net, images, 8).shape == images.shape
+    with pytest.raises(ValueError, match='patch_size'):
+        EDMLoss()(net, images, 4)
+
+def _sigma_and_weight(loss_fn, num=4000):
+    """Run loss_fn with a zero network on ones: the loss equals the weight; return (sigma, weight) per sample."""
+    net = PlainNet()
+    images = torch.ones(num, 1, 2, 2)
+    loss = loss_fn(net, images, generator=torch.Generator().manual_seed(0))
+    return net.calls[0]['sigma'].flatten(), loss[:, 0, 0, 0]
+
+def test_edm_sigma_distribution_and_weight():
+    sigma, weight = _sigma_and_weight(EDMLoss())
+    torch.testing.assert_close(weight, (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2)
+    assert abs(sigma.log().mean().item() + 1.2) < 0.1
+    assert abs(sigma.log().std().item() - 1.2) < 0.1
+
+def test_vp_sigma_and_weight():
+    loss_fn = VPLoss()
+    sigma, weight = _sigma_and_weight(loss_fn)
+    torch.testing.assert_close(weight, 1 / sigma ** 2)
+    sigma_max = (torch.tensor(0.5 * 19.9 + 0.1).exp() - 1).sqrt()
+    torch.testing.assert_close(loss_fn.sigma(1.0), sigma_max)
+    assert sigma.min() >= loss_fn.sigma(1e-5) * (1 - 1e-4) and sigma.max() <= sigma_max * (1 + 1e-4)
+
+def test_ve_sigma_and_weight():
+    sigma, weight = _sigma_and_weight(VELoss())
+    torch.testing.assert_close(weight, 1 / sigma ** 2)
+    assert sigma.min() >= 0.02 * (1 - 1e-5) and sigma.max() <= 100 * (1 + 1e-5)
+    # ln(sigma) is uniform on [ln 0.02, ln 100]: its mean is the midpoint.
+    assert abs(sigma.log().mean().item() - (torch.tensor(0.02).log() + torch.tensor(100.0).log()).item() / 2) < 0.15
+
+@pytest.mark.parametrize('loss_cls, plain_cls', [(PatchVPLoss, VPLoss), (PatchVELoss, VELoss)])
+def test_patch_vp_ve_losses(loss_cls, plain_cls):
+    net = CoordNet()
+    gen = torch.Generator().manual_seed(0)
+    replay = _clone(gen)
+    loss = loss_cls()(net, torch.randn(4, 3, 16, 16), 8, generator=gen)
+    assert loss.shape == (4, 3, 8, 8)
+    assert net.calls[0]['x_pos'].shape == (4, 2, 8, 8)
+    sigma = net.calls[0]['sigma']
+    # Same noise-level distribution as the plain variant, after the crop draws.
+    crop_patches(torch.zeros(4, 1, 16, 16), 8, generator=replay)
+    plain_sigma, _ = plain_cls().noise_level(4, torch.device('cpu'), replay)
+    assert torch.equal(sigma, plain_sigma)
+
+def test_same_generator_seed_gives_same_loss():
+    images = torch.randn(4, 3, 16, 16)
+    net = CoordNet()
+    a = PatchEDMLoss()(net, images, 8, generator=torch.Generator().manual_seed(9))
+    b = PatchEDMLoss()(net, images, 8, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a, b)
+
+#----------------------------------------------------------------------------
