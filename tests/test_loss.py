@@ -147,3 +147,26 @@ def test_same_generator_seed_gives_same_loss():
     assert torch.equal(a, b)
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+# End to end with the real networks: one call gives a patch batch with coordinates and a loss on it.
+
+@pytest.mark.parametrize('model_type, model_kwargs', [
+    ('SongUNet', dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])),
+    ('SongUNet', dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], embedding_type='fourier',
+                      encoder_type='residual', resample_filter=[1, 3, 3, 1])),
+    ('DhariwalUNet', dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])),
+])
+@pytest.mark.parametrize('patch_size', [16, 8, 4])
+def test_patch_loss_with_real_networks(model_type, model_kwargs, patch_size):
+    from training.augment import AugmentPipe
+    from training.networks import EDMPrecond
+    torch.manual_seed(0)
+    net = EDMPrecond(16, 3, label_dim=4, model_type=model_type, augment_dim=9, **model_kwargs)
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    labels = torch.nn.functional.one_hot(torch.arange(6) % 4, 4).float()
+    pipe = AugmentPipe(p=0.5, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    loss = PatchEDMLoss()(net, images, patch_size, labels=labels, augment_pipe=pipe, generator=torch.Generator().manual_seed(1))
+    assert loss.shape == (6, 3, patch_size, patch_size) and torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)

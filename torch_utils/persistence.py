@@ -77,10 +77,10 @@ def persistent_class(orig_class: type) -> type:
             return copy.deepcopy(self._init_kwargs)
 
         def __reduce__(self):
-            fields = list(super().__reduce__())
-            fields += [None] * (3 - len(fields))
-            meta = dict(version=_VERSION, module_src=self._orig_module_src, class_name=self._orig_class_name, state=fields[2])
-            return (_reconstruct_persistent_obj, (meta,), None) + tuple(fields[3:])
+            # Attributes are looked up on the most derived class, so subclasses of persistent classes work too.
+            meta = dict(version=_VERSION, module_src=self._orig_module_src, class_name=self._orig_class_name,
+                        state=self.__getstate__())
+            return _reconstruct_persistent_obj, (meta,)
 
     Persistent.__name__ = orig_class.__name__
     Persistent.__qualname__ = orig_class.__qualname__

@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from torch_utils import persistence
+
 #----------------------------------------------------------------------------
 # Helpers.
 
@@ -111,6 +113,7 @@ def _resample(images: torch.Tensor, G_inv: torch.Tensor) -> torch.Tensor:
 
 #----------------------------------------------------------------------------
 
+@persistence.persistent_class
 class AugmentPipe:
     """EDM's augmentation pipeline: images [N, C, H, W] -> (augmented images, augment_labels [N, D])."""
 

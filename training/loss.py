@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
+from torch_utils import persistence
 from training.patch import crop_patches
 
 #----------------------------------------------------------------------------
@@ -44,6 +45,7 @@ class DenoisingLoss:
 #----------------------------------------------------------------------------
 # Noise-level distributions and weights of EDM, VP and VE (Karras et al. 2022, Table 1).
 
+@persistence.persistent_class
 class EDMLoss(DenoisingLoss):
     """EDM loss: ln(sigma) ~ N(P_mean, P_std^2), weight (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2."""
 
@@ -58,6 +60,7 @@ class EDMLoss(DenoisingLoss):
         weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
         return sigma, weight
 
+@persistence.persistent_class
 class VPLoss(DenoisingLoss):
     """Variance-preserving loss: t ~ U(epsilon_t, 1), sigma = sigma_VP(t), weight 1 / sigma^2."""
 
@@ -76,6 +79,7 @@ class VPLoss(DenoisingLoss):
         sigma = self.sigma(1 + rnd_uniform * (self.epsilon_t - 1))
         return sigma, 1 / sigma ** 2
 
+@persistence.persistent_class
 class VELoss(DenoisingLoss):
     """Variance-exploding loss: ln(sigma) ~ U(ln sigma_min, ln sigma_max), weight 1 / sigma^2."""
 
@@ -91,14 +95,17 @@ class VELoss(DenoisingLoss):
 #----------------------------------------------------------------------------
 # Patch Diffusion: the same losses on random patches with coordinate channels.
 
+@persistence.persistent_class
 class PatchEDMLoss(EDMLoss):
     """EDM loss on random patches; the network gets the patch coordinates as x_pos."""
     patches = True
 
+@persistence.persistent_class
 class PatchVPLoss(VPLoss):
     """VP loss on random patches; the network gets the patch coordinates as x_pos."""
     patches = True
 
+@persistence.persistent_class
 class PatchVELoss(VELoss):
     """VE loss on random patches; the network gets the patch coordinates as x_pos."""
     patches = True
