@@ -136,3 +136,18 @@ class PatchSchedule:
         self.generator.set_state(state['generator'])
 
 #----------------------------------------------------------------------------
+# Outpainting.
+
+def outpaint_grid(resolution: int, height: int, width: int, top: int, left: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Coordinate channels [2, height, width] of a canvas holding the resolution x resolution image at (top, left), extended linearly beyond [-1, 1]."""
+    if resolution < 2:
+        raise ValueError(f'resolution must be at least 2, got {resolution}')
+    if height < 1 or width < 1:
+        raise ValueError(f'height and width must be at least 1, got height={height}, width={width}')
+    compute_dtype = torch.promote_types(dtype, torch.float32)
+    # Same arithmetic as _coordinates, so the image's own pixels get exactly coordinate_grid's values.
+    x = ((torch.arange(width, device=device) - left).to(compute_dtype) / (resolution - 1) * 2 - 1).to(dtype)
+    y = ((torch.arange(height, device=device) - top).to(compute_dtype) / (resolution - 1) * 2 - 1).to(dtype)
+    return torch.stack([x[None, :].expand(height, width), y[:, None].expand(height, width)])
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,125 @@
+"""EDM sampler (Karras et al. 2022, Algorithm 2) with coordinate channels, classifier-free guidance and inpainting.
+
+The one sampler shared by generate.py, the training previews, fid.py and the tests.
+Patch Diffusion nets (pos_channels > 0) get the coordinates of the whole image at every
+call, so a net trained on patches samples full images; plain EDM nets get no x_pos.
+The state is kept in float64, as in EDM, and the images come back in float64.
+"""
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from training.patch import coordinate_grid
+
+#----------------------------------------------------------------------------
+
+def _round_sigma(net, sigma: torch.Tensor) -> torch.Tensor:
+    if not hasattr(net, 'round_sigma'):
+        return sigma
+    return torch.as_tensor(net.round_sigma(sigma), dtype=torch.float64, device=sigma.device)
+
+def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80, rho: float = 7, net=None, device=None) -> torch.Tensor:
+    """EDM noise levels [num_steps + 1] in float64, from sigma_max down to sigma_min, then a final 0."""
+    if num_steps < 1:
+        raise ValueError(f'num_steps must be at least 1, got {num_steps}')
+    sigma_min = max(sigma_min, getattr(net, 'sigma_min', 0))
+    sigma_max = min(sigma_max, getattr(net, 'sigma_max', float('inf')))
+    if not 0 < sigma_min <= sigma_max < float('inf'):
+        raise ValueError(f'need 0 < sigma_min <= sigma_max < inf after clamping to the net, got sigma_min={sigma_min}, sigma_max={sigma_max}')
+    ramp = torch.arange(num_steps, dtype=torch.float64, device=device) / max(num_steps - 1, 1) # one step: sigma_max, then 0
+    sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    sigmas = _round_sigma(net, sigmas)
+    return torch.cat([sigmas, torch.zeros_like(sigmas[:1])])
+
+#----------------------------------------------------------------------------
+
+def _net_positions(net, x_pos: Optional[torch.Tensor], latents: torch.Tensor) -> Optional[torch.Tensor]:
+    """Coordinates [N, 2, H, W] (float32) for every net call, or None for a net without coordinate input."""
+    N, _, H, W = latents.shape
+    if x_pos is None:
+        if getattr(net, 'pos_channels', 0) == 0:
+            return None
+        if H != W:
+            raise ValueError(f'latents are {H}x{W}: non-square images need an explicit x_pos (e.g. from outpaint_grid)')
+        x_pos = coordinate_grid(H, H, device=latents.device)
+    if x_pos.ndim == 3:
+        x_pos = x_pos.unsqueeze(0)
+    if x_pos.ndim != 4 or x_pos.shape[0] not in (1, N) or x_pos.shape[2:] != latents.shape[2:]:
+        raise ValueError(f'x_pos must have shape [2, {H}, {W}] or [{N}, 2, {H}, {W}], got {list(x_pos.shape)}')
+    return x_pos.to(device=latents.device, dtype=torch.float32).expand(N, -1, -1, -1)
+
+def _inpaint_tensors(inpaint: tuple[torch.Tensor, torch.Tensor], latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated (known, mask) in float64 on the latents' device."""
+    known, mask = inpaint
+    N, C, H, W = latents.shape
+    if known.shape != latents.shape:
+        raise ValueError(f'inpaint known must have the latents shape {list(latents.shape)}, got {list(known.shape)}')
+    if mask.ndim != 4 or mask.shape[0] not in (1, N) or mask.shape[1] not in (1, C) or mask.shape[2:] != latents.shape[2:]:
+        raise ValueError(f'inpaint mask must have shape [{N} or 1, {C} or 1, {H}, {W}], got {list(mask.shape)}')
+    mask = mask.to(device=latents.device, dtype=torch.float64)
+    if bool(((mask < 0) | (mask > 1)).any()):
+        raise ValueError('inpaint mask values must be in [0, 1] (1 = generate, 0 = known)')
+    return known.to(device=latents.device, dtype=torch.float64), mask
+
+def edm_sampler(
+    net: Callable, latents: torch.Tensor, class_labels: Optional[torch.Tensor] = None, randn_like: Callable = torch.randn_like,
+    num_steps: int = 50, sigma_min: float = 0.002, sigma_max: float = 80, rho: float = 7,
+    S_churn: float = 0, S_min: float = 0, S_max: float = float('inf'), S_noise: float = 1,
+    solver: str = 'heun', cfg: float = 1.0, x_pos: Optional[torch.Tensor] = None,
+    inpaint: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Turn latents ~ N(0, I) [N, C, H, W] into images [N, C, H, W] (float64) with EDM's Heun or Euler sampler."""
+    if solver not in ('heun', 'euler'):
+        raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
+    if latents.ndim != 4:
+        raise ValueError(f'latents must have shape [N, C, H, W], got {list(latents.shape)}')
+    if cfg != 1 and class_labels is None:
+        raise ValueError(f'classifier-free guidance (cfg={cfg}) needs class_labels; use cfg=1 for unconditional sampling')
+    t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho, net=net, device=latents.device)
+    x_pos = _net_positions(net, x_pos, latents)
+    known, mask = _inpaint_tensors(inpaint, latents) if inpaint is not None else (None, None)
+
+    # Guidance runs the conditional and the unconditional (all-zero label, as dropped in training) halves in one call.
+    guided = cfg != 1
+    labels = torch.cat([class_labels, torch.zeros_like(class_labels)]) if guided else class_labels
+    net_kwargs = {}
+    if x_pos is not None:
+        net_kwargs['x_pos'] = torch.cat([x_pos, x_pos]) if guided else x_pos
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        D = net(torch.cat([x, x]) if guided else x, sigma, class_labels=labels, **net_kwargs)
+        D = D[:, :x.shape[1]].to(torch.float64) # a net may also return its coordinate channels
+        if not guided:
+            return D
+        D_cond, D_uncond = D.chunk(2)
+        return D_uncond + cfg * (D_cond - D_uncond)
+
+    def keep_known(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Replace the known pixels by the known image noised to sigma (RePaint); exact at mask 0 and 1."""
+        if known is None:
+            return x
+        return torch.lerp(known + sigma * randn_like(x), x, mask)
+
+    x_next = keep_known(latents.to(torch.float64) * t_steps[0], t_steps[0])
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+
+        # Churn: raise the noise level to t_hat by adding fresh noise.
+        t_hat, x_hat = t_cur, x_cur
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_churn > 0 and S_min <= t_cur <= S_max else 0
+        if gamma > 0:
+            t_hat = _round_sigma(net, t_cur + gamma * t_cur)
+            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+
+        # Euler step, then Heun's correction except into sigma = 0.
+        d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if solver == 'heun' and i < num_steps - 1:
+            d_prime = (x_next - denoise(x_next, t_next)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        x_next = keep_known(x_next, t_next)
+    return x_next
+
+#----------------------------------------------------------------------------
