@@ -4,6 +4,7 @@ import hashlib
 import importlib
 import io
 import os
+import sys
 import tempfile
 import urllib.error
 import urllib.parse
@@ -105,3 +106,34 @@ def open_url(path_or_url: str, cache_dir: Optional[str] = None, cache: bool = Tr
             f.write(data)
         os.replace(tmp, dest)
     return open(dest, 'rb')
+
+
+class Logger:
+    """Copies everything written to stdout and stderr into a log file as well (opened for appending)."""
+
+    def __init__(self, file_name: str):
+        self.file = open(file_name, 'a')
+        self.stdout, self.stderr = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(self.stdout, self.file), _Tee(self.stderr, self.file)
+
+    def close(self) -> None:
+        """Restore stdout and stderr and close the file."""
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+        self.file.close()
+
+
+class _Tee:
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        self.file.flush()
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.file.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)

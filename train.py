@@ -1,0 +1,236 @@
+"""Train a Patch Diffusion (or plain EDM) model.
+
+Examples:
+  python train.py --preset=demo --data=datasets/shapes-32x32.zip --outdir=training-runs
+  torchrun --standalone --nproc_per_node=8 train.py --preset=celeba64 --data=datasets/celeba-64x64.zip --outdir=training-runs
+"""
+
+import json
+import os
+import re
+from typing import Any, Dict, Optional
+
+import click
+import torch
+import torch.distributed as dist
+
+import dnnlib
+from torch_utils import distributed
+from training.dataset import DatasetError
+from training.networks import check_patch_size
+from training.snapshot import SnapshotError, newest_state
+from training.training_loop import split_batch, training_loop
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+
+
+def list_presets() -> list:
+    """Names of the presets in configs/."""
+    return sorted(os.path.splitext(f)[0] for f in os.listdir(CONFIG_DIR) if f.endswith('.json'))
+
+
+def load_preset(name: str) -> Dict[str, Any]:
+    """Options of configs/NAME.json, without its notes."""
+    path = os.path.join(CONFIG_DIR, f'{name}.json')
+    if not os.path.isfile(path):
+        raise click.BadParameter(f'unknown preset "{name}"; available: {", ".join(list_presets())}', param_hint='--preset')
+    with open(path) as f:
+        options = json.load(f)
+    options.pop('notes', None)
+    return options
+
+
+def parse_int_list(value: Optional[str]) -> Optional[list]:
+    """'1,2,2' -> [1, 2, 2]."""
+    if value is None or isinstance(value, list):
+        return value
+    if not re.fullmatch(r'\d+(,\d+)*', str(value)):
+        raise click.BadParameter(f'"{value}" is not a comma-separated list of integers', param_hint='--cres')
+    return [int(v) for v in str(value).split(',')]
+
+
+def resolve_options(ctx: click.Context, opts: Dict[str, Any]) -> dnnlib.EasyDict:
+    """Command-line flags override the preset, which overrides the defaults."""
+    opts = dnnlib.EasyDict(opts)
+    if opts.preset:
+        for key, value in load_preset(opts.preset).items():
+            if key not in opts:
+                raise click.ClickException(f'configs/{opts.preset}.json: unknown option "{key}"')
+            if ctx.get_parameter_source(key) != click.core.ParameterSource.COMMANDLINE:
+                opts[key] = value
+    return opts
+
+
+def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, world_size: int) -> dnnlib.EasyDict:
+    """Turn resolved CLI options into the keyword arguments of training_loop()."""
+    c = dnnlib.EasyDict()
+    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data,
+                                       use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=opts.device != 'cpu', num_workers=opts.workers,
+                                           prefetch_factor=2 if opts.workers > 0 else None, persistent_workers=opts.workers > 0)
+    precond = dict(edm='EDMPrecond', vp='VPPrecond', ve='VEPrecond')[opts.precond]
+    loss = dict(edm='EDMLoss', vp='VPLoss', ve='VELoss')[opts.precond]
+    c.network_kwargs = dnnlib.EasyDict(class_name=f'training.networks.{precond}', pos_channels=2 if opts.patch == 'on' else 0)
+    if opts.arch == 'ddpmpp':
+        c.network_kwargs.update(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                                channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2])
+    elif opts.arch == 'ncsnpp':
+        c.network_kwargs.update(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
+                                channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2])
+    else:
+        c.network_kwargs.update(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4])
+    if opts.cbase is not None:
+        c.network_kwargs.model_channels = opts.cbase
+    if opts.cres is not None:
+        c.network_kwargs.channel_mult = parse_int_list(opts.cres)
+    if opts.blocks is not None:
+        c.network_kwargs.num_blocks = opts.blocks
+    if opts.attn is not None:
+        c.network_kwargs.attn_resolutions = parse_int_list(opts.attn)
+    c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16, use_bf16=opts.bf16)
+    if opts.cond:
+        c.network_kwargs.label_dropout = opts.label_dropout
+    c.loss_kwargs = dnnlib.EasyDict(class_name=f'training.loss.{"Patch" if opts.patch == "on" else ""}{loss}')
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    c.augment_kwargs = None
+    if opts.augment:
+        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment, xflip=1e8, yflip=1,
+                                           scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+        c.network_kwargs.augment_dim = 9
+    c.patch_kwargs = dnnlib.EasyDict(real_p=opts.real_p, mode='progressive' if opts.progressive else 'stochastic') \
+        if opts.patch == 'on' else None
+    c.update(total_kimg=opts.duration * 1000, ema_halflife_kimg=opts.ema * 1000, ema_rampup_ratio=opts.ema_rampup,
+             lr_rampup_kimg=opts.lr_rampup * 1000, batch_size=opts.batch, batch_gpu=opts.batch_gpu, loss_scaling=opts.ls,
+             cudnn_benchmark=opts.bench, tf32=opts.tf32, kimg_per_tick=opts.tick, snapshot_ticks=opts.snap,
+             state_dump_ticks=opts.dump, seed=opts.seed, transfer=opts.transfer)
+    c.preview = dnnlib.EasyDict(num_images=64, num_steps=opts.preview_steps) if opts.preview else None
+
+    dtype = 'bf16' if opts.bf16 else 'fp16' if opts.fp16 else 'fp32'
+    patch = f'patch{opts.real_p:g}{"prog" if opts.progressive else ""}' if opts.patch == 'on' else 'full'
+    c.desc = (f'{dataset_name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{opts.precond}-{patch}'
+              f'-gpus{world_size}-batch{opts.batch}-{dtype}') + (f'-{opts.desc}' if opts.desc else '')
+    return c
+
+
+def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]) -> tuple:
+    """(run directory, state file to resume from or None) as rank 0 decides them."""
+    if resume is not None and resume != 'auto':
+        path = os.path.join(resume, os.path.basename(newest_state(resume) or '')) if os.path.isdir(resume) else resume
+        if not os.path.isfile(path):
+            raise click.BadParameter(f'{resume}: no training-state-*.pt file there', param_hint='--resume')
+        return os.path.dirname(os.path.abspath(path)), path
+    if nosubdir:
+        return outdir, newest_state(outdir) if resume == 'auto' else None
+    existing = sorted((int(m.group(1)), name) for name in (os.listdir(outdir) if os.path.isdir(outdir) else [])
+                      if (m := re.match(r'(\d+)-', name)) and os.path.isdir(os.path.join(outdir, name)))
+    if resume == 'auto':
+        for _, name in reversed(existing):
+            state = newest_state(os.path.join(outdir, name))
+            if name.split('-', 1)[1] == desc and state:
+                return os.path.join(outdir, name), state
+    next_id = existing[-1][0] + 1 if existing else 0
+    return os.path.join(outdir, f'{next_id:05d}-{desc}'), None
+
+
+@click.command()
+@click.option('--preset', help='Named settings from configs/NAME.json; flags given here override them', metavar='NAME')
+@click.option('--outdir', help='Where to save the results', metavar='DIR', required=True)
+@click.option('--data', help='Path to the data set (folder or zip)', metavar='ZIP|DIR', required=True)
+@click.option('--cond', help='Train class-conditional model', type=bool, default=False, show_default=True)
+@click.option('--arch', help='Network architecture', type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
+@click.option('--precond', help='Preconditioning & loss function', type=click.Choice(['edm', 'vp', 've']), default='edm', show_default=True)
+@click.option('--patch', help='Patch Diffusion (on) or the plain EDM baseline (off)', type=click.Choice(['on', 'off']), default='on', show_default=True)
+@click.option('--real_p', help='Share of full-size images per step', type=click.FloatRange(0, 1), default=0.5, show_default=True)
+@click.option('--progressive', help='Progressive patch schedule (small first)', type=bool, default=False, show_default=True)
+@click.option('--duration', help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
+@click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
+@click.option('--batch-gpu', help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST')
+@click.option('--blocks', help='Residual blocks per resolution  [default: 4 (SongUNet), 3 (ADM)]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--attn', help='Resolutions with self-attention  [default: 16 (SongUNet), 32,16,8 (ADM)]', metavar='LIST')
+@click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
+@click.option('--lr-rampup', help='Learning-rate ramp-up', metavar='MIMG', type=click.FloatRange(min=0), default=10, show_default=True)
+@click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
+@click.option('--ema-rampup', help='EMA ramp-up ratio', metavar='FLOAT', type=click.FloatRange(min=0), default=0.05, show_default=True)
+@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.13, show_default=True)
+@click.option('--label-dropout', help='Label dropout for guidance (with --cond)', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.1, show_default=True)
+@click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.12, show_default=True)
+@click.option('--xflip', help='Enable dataset x-flips', type=bool, default=False, show_default=True)
+@click.option('--fp16', help='Enable mixed-precision training (CUDA)', type=bool, default=False, show_default=True)
+@click.option('--bf16', help='Run the network in bfloat16', type=bool, default=False, show_default=True)
+@click.option('--tf32', help='Allow TF32 matmuls and convolutions (CUDA)', type=bool, default=False, show_default=True)
+@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option('--bench', help='Enable cuDNN benchmarking', type=bool, default=True, show_default=True)
+@click.option('--cache', help='Cache dataset in CPU memory', type=bool, default=True, show_default=True)
+@click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
+@click.option('--device', help='Where to train', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
+@click.option('--desc', help='String to include in result dir name', metavar='STR')
+@click.option('--nosubdir', help='Do not create a subdirectory for results', is_flag=True)
+@click.option('--tick', help='How often to print progress', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
+@click.option('--snap', help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--dump', help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500, show_default=True)
+@click.option('--preview', help='Save a PNG grid of EMA samples at every snapshot', type=bool, default=False, show_default=True)
+@click.option('--preview-steps', help='Sampler steps for the preview grid', metavar='INT', type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=int)
+@click.option('--transfer', help='Transfer learning from network pickle', metavar='PKL|URL')
+@click.option('--resume', help='Resume from training state: a file, a run directory, or auto', metavar='PT|DIR|auto')
+@click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
+@click.pass_context
+def main(ctx: click.Context, **kwargs) -> None:
+    """Train a diffusion model on random patches (Patch Diffusion) or on whole images (EDM)."""
+    opts = resolve_options(ctx, kwargs)
+    device = distributed.init(opts.device)
+    world_size = distributed.get_world_size()
+
+    try:
+        dataset = dnnlib.construct_class_by_name(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond)
+    except DatasetError as err:
+        raise click.BadParameter(str(err), param_hint='--data')
+    if opts.cond and not dataset.has_labels:
+        raise click.BadParameter(f'{opts.data}: --cond=True needs labels in dataset.json', param_hint='--cond')
+    if opts.seed is None:
+        seed = torch.randint(1 << 31, size=[], device=distributed.collective_device())
+        if dist.is_initialized():
+            dist.broadcast(seed, src=0)
+        opts.seed = int(seed)
+    c = build_config(opts, dataset.name, dataset.resolution, world_size)
+    try:
+        split_batch(opts.batch, opts.batch_gpu, world_size)
+        sizes = [dataset.resolution] + ([dataset.resolution // 2, dataset.resolution // 4] if opts.patch == 'on' else [])
+        channel_mult = c.network_kwargs.channel_mult
+        for size in sizes:
+            check_patch_size(channel_mult, size)
+    except ValueError as err:
+        raise click.ClickException(f'{opts.data}: {err}' if 'patch size' in str(err) else str(err))
+
+    decision = [choose_run_dir(opts.outdir, c.desc, opts.nosubdir, opts.resume) if distributed.get_rank() == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(decision, src=0)
+    run_dir, resume_state = decision[0]
+    c.training_options = dict(opts)
+
+    distributed.print0(json.dumps(dict(c, run_dir=run_dir, resume_state=resume_state), indent=2))
+    if opts.dry_run:
+        distributed.print0('Dry run; exiting.')
+        return
+
+    logger = None
+    if distributed.get_rank() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, 'training_options.json'), 'wt') as f:
+            json.dump(c, f, indent=2)
+        logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'))
+    try:
+        training_loop(run_dir=run_dir, resume_state=resume_state, device=device, **{k: v for k, v in c.items() if k != 'desc'})
+    except SnapshotError as err:
+        raise click.ClickException(str(err))
+    finally:
+        if logger is not None:
+            logger.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,270 @@
+"""The training loop: patch-size schedule, gradient accumulation, EMA, ticks, snapshots and exact resume."""
+
+import copy
+import json
+import os
+import random
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import psutil
+import torch
+import torch.distributed as dist
+
+import dnnlib
+from torch_utils import distributed, misc, training_stats
+from training import snapshot
+from training.networks import check_patch_size
+from training.patch import PatchSchedule, coordinate_grid
+
+
+def split_batch(batch_size: int, batch_gpu: Optional[int], world_size: int) -> Tuple[int, int]:
+    """(per-round batch per process, accumulation rounds) such that batch == batch_gpu * rounds * world_size."""
+    if batch_size % world_size != 0:
+        raise ValueError(f'--batch={batch_size} does not split over {world_size} processes')
+    per_process = batch_size // world_size
+    batch_gpu = batch_gpu or per_process
+    if batch_gpu > per_process or per_process % batch_gpu != 0:
+        raise ValueError(f'--batch={batch_size} over {world_size} processes is {per_process} per process, '
+                         f'which --batch-gpu={batch_gpu} does not divide')
+    return batch_gpu, per_process // batch_gpu
+
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if device.type == 'cuda' and 'cuda' in state:
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+
+def _gather_objects(obj: Any) -> List[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * distributed.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+class _Batches:
+    """Pulls whole steps of data from a loader: `multiplier` loader batches concatenated per accumulation round."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device):
+        self._iterator: Iterator = iter(loader)
+        self._device = device
+
+    def next_round(self, multiplier: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] and labels for one round, on the device."""
+        parts = [next(self._iterator) for _ in range(multiplier)]
+        images = torch.cat([p[0] for p in parts]).to(self._device, non_blocking=True)
+        labels = torch.cat([p[1] for p in parts]).to(self._device, non_blocking=True)
+        return images.to(torch.float32) / 127.5 - 1, labels
+
+
+def _format_time(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f'{hours}h {minutes:02d}m {secs:02d}s' if hours else f'{minutes}m {secs:02d}s'
+
+
+def _summary_inputs(net: torch.nn.Module, batch: int, resolution: int, device: torch.device) -> list:
+    x = torch.zeros([batch, net.img_channels, resolution, resolution], device=device)
+    x_pos = coordinate_grid(resolution, resolution, device=device).expand(batch, -1, -1, -1) if net.pos_channels else None
+    return [x, torch.ones([batch], device=device), x_pos, torch.zeros([batch, net.label_dim], device=device)]
+
+
+def _memory_gb(device: torch.device) -> Tuple[float, float]:
+    cpu = psutil.Process(os.getpid()).memory_info().rss / 2**30
+    gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0.0
+    return cpu, gpu
+
+
+def training_loop(
+    run_dir: str,
+    dataset_kwargs: dict,
+    data_loader_kwargs: dict,
+    network_kwargs: dict,
+    loss_kwargs: dict,
+    optimizer_kwargs: dict,
+    augment_kwargs: Optional[dict] = None,
+    patch_kwargs: Optional[dict] = None,     # PatchSchedule options (real_p, mode); None trains on whole images
+    seed: int = 0,
+    batch_size: int = 512,
+    batch_gpu: Optional[int] = None,
+    total_kimg: float = 200000,
+    ema_halflife_kimg: float = 500,
+    ema_rampup_ratio: Optional[float] = 0.05,
+    lr_rampup_kimg: float = 10000,
+    loss_scaling: float = 1,
+    kimg_per_tick: float = 50,
+    snapshot_ticks: Optional[int] = 50,
+    state_dump_ticks: Optional[int] = 500,
+    resume_state: Optional[str] = None,
+    transfer: Optional[str] = None,
+    cudnn_benchmark: bool = True,
+    tf32: bool = False,
+    device: torch.device = torch.device('cpu'),
+    preview: Optional[dict] = None,           # sampler options for a PNG grid at every snapshot; None for none
+    training_options: Optional[dict] = None,  # stored in snapshots for reference
+) -> None:
+    """Train a (patch) diffusion model until `total_kimg` or a stop signal; writes snapshots and state to run_dir."""
+    start_time = time.time()
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    batch_gpu, num_rounds = split_batch(batch_size, batch_gpu, world_size)
+    rank_seed = (seed * world_size + rank) % (1 << 31)
+    random.seed(rank_seed)
+    np.random.seed(rank_seed)
+    torch.manual_seed(rank_seed)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+    state = snapshot.load_state(resume_state) if resume_state else None
+    if state is not None:
+        seed = state['seed']  # the data order and patch schedule continue from the original run's seed
+
+    # Data.
+    distributed.print0('Loading dataset...')
+    dataset = dnnlib.construct_class_by_name(**dataset_kwargs)
+    resolution = dataset.resolution
+    schedule = PatchSchedule(resolution, seed=seed, **patch_kwargs) if patch_kwargs is not None else None
+    consumed = state['consumed'] if state else 0  # loader items each rank has taken so far
+    sampler = misc.InfiniteSampler(dataset, rank=rank, num_replicas=world_size, seed=seed, start=consumed)
+    batches = _Batches(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, **data_loader_kwargs), device)
+
+    # Network, loss, optimizer.
+    distributed.print0('Constructing network...')
+    net = dnnlib.construct_class_by_name(**network_kwargs, img_resolution=resolution, img_channels=dataset.num_channels,
+                                         label_dim=dataset.label_dim)
+    channel_mult = net.model.channel_mult
+    for size in (schedule.sizes if schedule else [resolution]):
+        check_patch_size(channel_mult, size)
+    net.train().requires_grad_(True).to(device)
+    loss_fn = dnnlib.construct_class_by_name(**loss_kwargs)
+    augment_pipe = dnnlib.construct_class_by_name(**augment_kwargs) if augment_kwargs else None
+    optimizer = dnnlib.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    if rank == 0 and state is None:
+        misc.print_module_summary(net, _summary_inputs(net, batch_gpu, resolution, device))
+
+    cur_nimg = cur_tick = 0
+    if transfer and state is None:
+        distributed.print0(f'Transferring weights from "{transfer}"...')
+        source = snapshot.load_network(transfer)
+        misc.copy_params_and_buffers(source, net, require_all=False)
+        misc.copy_params_and_buffers(source, ema, require_all=False)
+    if state is not None:
+        distributed.print0(f'Resuming from "{resume_state}"...')
+        net.load_state_dict(state['net'])
+        ema.load_state_dict(state['ema'])
+        optimizer.load_state_dict(state['optimizer'])
+        cur_nimg, cur_tick = state['cur_nimg'], state['cur_tick']
+        if schedule is not None:
+            schedule.load_state_dict(state['schedule'])
+        if len(state['rng']) == world_size:
+            _set_rng_state(state['rng'][rank], device)
+        else:
+            distributed.print0(f'Warning: state was saved by {len(state["rng"])} processes, not {world_size}; '
+                               'random streams restart, so the run continues but not bit-exactly.')
+    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
+                                                    broadcast_buffers=False) if world_size > 1 else net
+
+    # Training.
+    total_nimg = int(total_kimg * 1000)
+    collector = training_stats.Collector(regex='.*')
+    stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at') if rank == 0 else None
+    distributed.install_stop_handlers()
+    distributed.print0(f'Training for {total_kimg} kimg...\n')
+    tick_start_nimg, tick_start_time = cur_nimg, time.time()
+    maintenance_time = tick_start_time - start_time
+    while True:
+        size = schedule.sample(progress=cur_nimg / total_nimg) if schedule else resolution
+        multiplier = schedule.batch_multiplier(size) if schedule else 1
+        optimizer.zero_grad(set_to_none=True)
+        for round_idx in range(num_rounds):
+            with misc.ddp_sync(ddp, sync=(round_idx == num_rounds - 1)):
+                images, labels = batches.next_round(multiplier)
+                loss = loss_fn(ddp, images, size, labels=labels, augment_pipe=augment_pipe)
+                training_stats.report('Loss/loss', loss)
+                # Sum over pixels, mean over this process's images of the step, as EDM does.
+                loss.sum().mul(loss_scaling / (batch_gpu * num_rounds * multiplier)).backward()
+        consumed += num_rounds * multiplier * batch_gpu
+
+        for group in optimizer.param_groups:
+            group['lr'] = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+        for param in net.parameters():
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        optimizer.step()
+
+        step_nimg = batch_size * multiplier
+        ema_nimg = ema_halflife_kimg * 1000
+        if ema_rampup_ratio is not None:
+            ema_nimg = min(ema_nimg, cur_nimg * ema_rampup_ratio)
+        ema_beta = 0.5 ** (step_nimg / max(ema_nimg, 1e-8))
+        with torch.no_grad():
+            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+                p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+        cur_nimg += step_nimg
+        training_stats.report('Patch/size', float(size))
+
+        done = cur_nimg >= total_nimg
+        stop = distributed.should_stop()
+        if not done and not stop and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+            continue
+
+        # Tick: log, then snapshots and state as scheduled.
+        tick_end_time = time.time()
+        cpu_gb, gpu_gb = _memory_gb(device)
+        collector.update()
+        fields = [f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1e3:<9.1f}', f'loss {collector["Loss/loss"]:<8.4f}',
+                  f'time {_format_time(tick_end_time - start_time):<12s}',
+                  f'sec/tick {tick_end_time - tick_start_time:<7.1f}',
+                  f'sec/kimg {(tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3:<7.2f}',
+                  f'maintenance {maintenance_time:<6.1f}', f'cpumem {cpu_gb:<6.2f}', f'gpumem {gpu_gb:<6.2f}']
+        distributed.print0(' '.join(fields))
+        if stats_jsonl is not None:
+            record = dict(collector.as_dict(), timestamp=time.time(),
+                          progress=dict(tick=cur_tick, kimg=cur_nimg / 1e3, sec_per_tick=tick_end_time - tick_start_time,
+                                        maintenance=maintenance_time, cpumem_gb=cpu_gb, gpumem_gb=gpu_gb))
+            stats_jsonl.write(json.dumps(record) + '\n')
+            stats_jsonl.flush()
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+
+        stem = f'{cur_nimg // 1000:06d}'
+        if snapshot_ticks is not None and (done or stop or cur_tick % snapshot_ticks == 0):
+            misc.check_ddp_consistency(ema)
+            if rank == 0:
+                snapshot.save_network_snapshot(os.path.join(run_dir, f'network-snapshot-{stem}'),
+                                               dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe,
+                                                    dataset_kwargs=dict(dataset_kwargs), training_options=training_options))
+                if preview is not None:
+                    from training.preview import save_preview_grid
+                    save_preview_grid(ema, os.path.join(run_dir, f'preview-{stem}.png'), device=device, **preview)
+        if state_dump_ticks is not None and (done or stop or cur_tick % state_dump_ticks == 0):
+            rng = _gather_objects(_rng_state(device))
+            if rank == 0:
+                snapshot.save_state(os.path.join(run_dir, f'training-state-{stem}.pt'), dict(
+                    net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                    cur_nimg=cur_nimg, cur_tick=cur_tick + 1, consumed=consumed, rng=rng, seed=seed,
+                    schedule=schedule.state_dict() if schedule else None))
+        distributed.update_progress(cur_nimg // 1000, total_kimg)
+        if done or stop:
+            break
+        cur_tick += 1
+        tick_start_nimg, tick_start_time = cur_nimg, time.time()
+        maintenance_time = tick_start_time - tick_end_time
+
+    if stats_jsonl is not None:
+        stats_jsonl.close()
+    distributed.print0('\nStopped on a signal; state saved.' if stop and not done else '\nExiting...')
