@@ -573,13 +573,13 @@ def test_output_has_image_channels_only():
 def test_check_patch_size_messages():
     assert min_input_size([1, 2, 2, 2]) == 8 and min_input_size([1]) == 1
     with pytest.raises(ValueError, match=r'patch size 2 is too small for channel_mult \[1,2,2,2\]: '
-                                         r'it needs a square size that is a multiple of 8 \(3 downsampling levels\)'):
+                                         r'each side must be a multiple of 8 \(3 downsampling levels\)'):
         check_patch_size([1, 2, 2, 2], 2)
     with pytest.raises(ValueError, match=r'patch size 12 is not a multiple of 8 .*a multiple of 8 \(3 downsampling levels\)'):
         check_patch_size([1, 2, 2, 2], 12)
-    with pytest.raises(ValueError, match=r'patch size 16x8 is not square for channel_mult \[1,2,2,2\]'):
-        check_patch_size([1, 2, 2, 2], (16, 8))
-    for ok in [8, 16, 24, (32, 32)]:
+    with pytest.raises(ValueError, match=r'patch size 16x12 is not a multiple of 8 for channel_mult \[1,2,2,2\]'):
+        check_patch_size([1, 2, 2, 2], (16, 12))
+    for ok in [8, 16, 24, (32, 32), (16, 8)]:
         check_patch_size([1, 2, 2, 2], ok)
 
 
@@ -590,8 +590,9 @@ def test_precond_rejects_bad_patch_sizes():
         net(torch.randn(1, IMG_CHANNELS, 2, 2), torch.tensor(1.0), coords(1, 2))
     with pytest.raises(ValueError, match=r'patch size 6 is not a multiple of 4'):
         net(torch.randn(1, IMG_CHANNELS, 6, 6), torch.tensor(1.0), coords(1, 6))
-    with pytest.raises(ValueError, match=r'patch size 8x4 is not square'):
-        net(torch.randn(1, IMG_CHANNELS, 8, 4), torch.tensor(1.0), torch.zeros(1, 2, 8, 4))
+    with pytest.raises(ValueError, match=r'patch size 8x6 is not a multiple of 4'):
+        net(torch.randn(1, IMG_CHANNELS, 8, 6), torch.tensor(1.0), torch.zeros(1, 2, 8, 6))
+    assert net(torch.randn(1, IMG_CHANNELS, 8, 4), torch.tensor(1.0), torch.zeros(1, 2, 8, 4)).shape == (1, IMG_CHANNELS, 8, 4)
 
 
 def test_x_pos_errors():

@@ -462,20 +462,19 @@ def min_input_size(channel_mult: Sequence[int]) -> int:
 
 
 def check_patch_size(channel_mult: Sequence[int], size: Union[int, Sequence[int]]) -> None:
-    """Raise ValueError unless `size` (int or (height, width)) is square and a positive multiple of min_input_size."""
+    """Raise ValueError unless both sides of `size` (int or (height, width)) are positive multiples of min_input_size."""
     height, width = size if isinstance(size, (tuple, list)) else (size, size)
     step = min_input_size(channel_mult)
-    if height != width:
-        shown, problem = f'{height}x{width}', 'not square'
-    elif height < step:
-        shown, problem = str(height), 'too small'
-    elif height % step:
-        shown, problem = str(height), f'not a multiple of {step}'
+    shown = str(height) if height == width else f'{height}x{width}'
+    if min(height, width) < step:
+        problem = 'too small'
+    elif height % step or width % step:
+        problem = f'not a multiple of {step}'
     else:
         return
     levels = len(channel_mult) - 1
     mult = '[' + ','.join(str(m) for m in channel_mult) + ']'
-    raise ValueError(f'patch size {shown} is {problem} for channel_mult {mult}: it needs a square size that is '
+    raise ValueError(f'patch size {shown} is {problem} for channel_mult {mult}: each side must be '
                      f'a multiple of {step} ({levels} downsampling level{"" if levels == 1 else "s"})')
 
 #----------------------------------------------------------------------------
