@@ -7,7 +7,7 @@ The state is kept in float64, as in EDM, and the images come back in float64.
 """
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -54,14 +54,14 @@ def _inpaint_tensors(inpaint: tuple[torch.Tensor, torch.Tensor], latents: torch.
     """Validated (known, mask) in float64 on the latents' device."""
     known, mask = inpaint
     N, C, H, W = latents.shape
-    if known.shape != latents.shape:
-        raise ValueError(f'inpaint known must have the latents shape {list(latents.shape)}, got {list(known.shape)}')
+    if known.ndim != 4 or known.shape[0] not in (1, N) or known.shape[1:] != latents.shape[1:]:
+        raise ValueError(f'inpaint known must have shape [{N} or 1, {C}, {H}, {W}], got {list(known.shape)}')
     if mask.ndim != 4 or mask.shape[0] not in (1, N) or mask.shape[1] not in (1, C) or mask.shape[2:] != latents.shape[2:]:
         raise ValueError(f'inpaint mask must have shape [{N} or 1, {C} or 1, {H}, {W}], got {list(mask.shape)}')
     mask = mask.to(device=latents.device, dtype=torch.float64)
     if bool(((mask < 0) | (mask > 1)).any()):
         raise ValueError('inpaint mask values must be in [0, 1] (1 = generate, 0 = known)')
-    return known.to(device=latents.device, dtype=torch.float64), mask
+    return known.to(device=latents.device, dtype=torch.float64).expand(N, -1, -1, -1), mask
 
 def edm_sampler(
     net: Callable, latents: torch.Tensor, class_labels: Optional[torch.Tensor] = None, randn_like: Callable = torch.randn_like,
@@ -121,5 +121,57 @@ def edm_sampler(
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
         x_next = keep_known(x_next, t_next)
     return x_next
+
+#----------------------------------------------------------------------------
+# Seeded generation: image k depends only on seed k, whatever the batch or world size.
+
+class StackedRandomGenerator:
+    """One torch.Generator per seed; draws of shape [N, ...] take row i from generator i."""
+
+    def __init__(self, device: torch.device, seeds: Sequence[int]):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+    def randn(self, size: Sequence[int], **kwargs) -> torch.Tensor:
+        """Standard normal draws, one row per seed."""
+        assert size[0] == len(self.generators)
+        return torch.stack([torch.randn(size[1:], generator=gen, device=self.device, **kwargs) for gen in self.generators])
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """randn() with the shape, dtype and layout of x."""
+        return self.randn(x.shape, dtype=x.dtype, layout=x.layout)
+
+    def randint(self, high: int, size: Sequence[int]) -> torch.Tensor:
+        """Integers in [0, high), one row per seed."""
+        assert size[0] == len(self.generators)
+        return torch.stack([torch.randint(high, size=size[1:], generator=gen, device=self.device) for gen in self.generators])
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Map images in [-1, 1] to uint8 [0, 255], rounding as EDM does."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+def generate_images(net: Callable, seeds: Sequence[int], device: torch.device, class_idx: Optional[int] = None,
+                    **sampler_kwargs) -> torch.Tensor:
+    """Sample one image per seed with edm_sampler; returns uint8 [N, C, H, W] on the device.
+
+    Latents, random class labels (when the net is conditional and class_idx is None) and churn noise come from
+    per-seed generators. `sampler_kwargs` go to edm_sampler (num_steps, cfg, solver, x_pos, inpaint, ...).
+    """
+    rnd = StackedRandomGenerator(device, seeds)
+    height = width = net.img_resolution
+    if sampler_kwargs.get('x_pos') is not None:
+        height, width = sampler_kwargs['x_pos'].shape[-2:]
+    latents = rnd.randn([len(seeds), net.img_channels, height, width])
+    class_labels = None
+    if net.label_dim:
+        if class_idx is not None and not 0 <= class_idx < net.label_dim:
+            raise ValueError(f'class {class_idx} is outside [0, {net.label_dim}) for this network')
+        indices = rnd.randint(net.label_dim, size=[len(seeds)]) if class_idx is None \
+            else torch.full([len(seeds)], class_idx, device=device)
+        class_labels = torch.nn.functional.one_hot(indices, net.label_dim).to(torch.float32)
+    images = edm_sampler(net, latents, class_labels=class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+    return to_uint8(images)
 
 #----------------------------------------------------------------------------

@@ -1,0 +1,133 @@
+"""generate.py: seed-determinism across batch and world size, snapshot formats, bad input, in- and outpainting."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import generate
+from training.networks import EDMPrecond
+from training.snapshot import save_network_snapshot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ['--steps', '4']
+
+
+@pytest.fixture(scope='module')
+def snapshot(tmp_path_factory):
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=16, img_channels=3, label_dim=3, model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                     attn_resolutions=[8]).eval()
+    stem = str(tmp_path_factory.mktemp('snap') / 'network-snapshot-000000')
+    save_network_snapshot(stem, dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs={}))
+    return stem
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(generate.main, [str(a) for a in args])
+    return result
+
+
+def read_dir(folder):
+    return {name: np.asarray(PIL.Image.open(os.path.join(folder, name))) for name in sorted(os.listdir(folder))}
+
+
+def test_same_seed_same_image_for_any_batch_size_and_format(snapshot, tmp_path):
+    for batch, ext in [(1, 'pkl'), (7, 'pkl'), (3, 'pt')]:
+        result = run_cli('--network', f'{snapshot}.{ext}', '--outdir', tmp_path / f'b{batch}{ext}', '--seeds', '0-8', '--batch', batch,
+                         '--device', 'cpu', *STEPS)
+        assert result.exit_code == 0, result.output
+    a, b, c = (read_dir(tmp_path / d) for d in ['b1pkl', 'b7pkl', 'b3pt'])
+    assert list(a) == [f'{s:06d}.png' for s in range(9)]
+    for name in a:
+        assert np.array_equal(a[name], b[name]) and np.array_equal(a[name], c[name]), name
+    assert not np.array_equal(a['000000.png'], a['000001.png'])
+
+
+def test_two_ranks_give_the_same_images_as_one(snapshot, tmp_path):
+    common = ['generate.py', f'--network={snapshot}.pkl', '--seeds=0-4', '--batch=2', '--device=cpu', '--steps=4']
+    subprocess.run([sys.executable, *common, f'--outdir={tmp_path / "one"}', f'--grid={tmp_path / "one.png"}'], cwd=ROOT, check=True,
+                   capture_output=True)
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *common,
+                             f'--outdir={tmp_path / "two"}', f'--grid={tmp_path / "two.png"}'], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = read_dir(tmp_path / 'one'), read_dir(tmp_path / 'two')
+    assert list(one) == list(two) and all(np.array_equal(one[k], two[k]) for k in one)
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / 'one.png')), np.asarray(PIL.Image.open(tmp_path / 'two.png')))
+
+
+def test_grid_and_subdirs(snapshot, tmp_path):
+    result = run_cli('--network', f'{snapshot}.pkl', '--outdir', tmp_path / 'out', '--subdirs', '--seeds', '998-1001', '--grid',
+                     tmp_path / 'grid.png', '--class', 2, '--cfg', 1.5, '--device', 'cpu', *STEPS)
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(tmp_path / 'out')) == ['000000', '001000']
+    assert sorted(os.listdir(tmp_path / 'out' / '001000')) == ['001000.png', '001001.png']
+    assert PIL.Image.open(tmp_path / 'grid.png').size == (32, 32)  # 4 images of 16x16, 2 per row
+
+
+@pytest.mark.parametrize('make, message', [
+    (lambda p: None, 'file not found'),
+    (lambda p: p.write_bytes(b'just some text'), 'not a network snapshot'),
+    (lambda p: p.write_bytes(open(p.parent.parent / 'snapshot.pkl', 'rb').read()[:5000]), 'not a network snapshot'),
+])
+def test_bad_network_gives_one_line_error(snapshot, tmp_path, make, message):
+    (tmp_path / 'snapshot.pkl').write_bytes(open(f'{snapshot}.pkl', 'rb').read())
+    (tmp_path / 'sub').mkdir()
+    bad = tmp_path / 'sub' / 'bad.pkl'
+    make(bad)
+    result = run_cli('--network', bad, '--grid', tmp_path / 'g.png', '--device', 'cpu')
+    assert result.exit_code == 2 and message in result.output and 'Traceback' not in result.output
+
+
+def test_bad_options(snapshot, tmp_path):
+    assert 'give --outdir, --grid' in run_cli('--network', f'{snapshot}.pkl').output
+    assert 'not a list of integers' in run_cli('--network', f'{snapshot}.pkl', '--grid', tmp_path / 'g.png', '--seeds', 'a-b').output
+    assert 'the network has 3 classes' in run_cli('--network', f'{snapshot}.pkl', '--grid', tmp_path / 'g.png', '--class', 5).output
+    missing = run_cli('--network', f'{snapshot}.pkl', '--grid', tmp_path / 'g.png', '--inpaint', tmp_path / 'x.png', '--mask', 'm.png')
+    assert f'{tmp_path / "x.png"}: cannot read' in missing.output
+    PIL.Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / 'x.png')
+    assert '--inpaint needs --mask' in run_cli('--network', f'{snapshot}.pkl', '--grid', tmp_path / 'g.png',
+                                               '--inpaint', tmp_path / 'x.png').output
+
+
+@pytest.fixture
+def known_image(tmp_path):
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    PIL.Image.fromarray(array).save(tmp_path / 'known.png')
+    return array
+
+
+def test_inpainting_keeps_known_pixels(snapshot, tmp_path, known_image):
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    PIL.Image.fromarray(mask).save(tmp_path / 'mask.png')
+    result = run_cli('--network', f'{snapshot}.pkl', '--outdir', tmp_path / 'out', '--seeds', '0-1', '--inpaint', tmp_path / 'known.png',
+                     '--mask', tmp_path / 'mask.png', '--device', 'cpu', *STEPS)
+    assert result.exit_code == 0, result.output
+    for image in read_dir(tmp_path / 'out').values():
+        keep = mask == 0
+        assert np.abs(image[keep].astype(int) - known_image[keep].astype(int)).max() <= 1  # uint8 round trip
+        assert np.abs(image[~keep].astype(int) - known_image[~keep].astype(int)).mean() > 5
+
+    PIL.Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / 'none.png')
+    result = run_cli('--network', f'{snapshot}.pkl', '--outdir', tmp_path / 'same', '--seeds', '3', '--inpaint', tmp_path / 'known.png',
+                     '--mask', tmp_path / 'none.png', '--device', 'cpu', *STEPS)
+    assert result.exit_code == 0, result.output
+    assert np.abs(read_dir(tmp_path / 'same')['000003.png'].astype(int) - known_image.astype(int)).max() <= 1
+
+
+def test_outpainting_extends_the_canvas(snapshot, tmp_path, known_image):
+    result = run_cli('--network', f'{snapshot}.pkl', '--outdir', tmp_path / 'out', '--seeds', '0', '--inpaint', tmp_path / 'known.png',
+                     '--outpaint', '32x16', '--device', 'cpu', *STEPS)
+    assert result.exit_code == 0, result.output
+    image = read_dir(tmp_path / 'out')['000000.png']
+    assert image.shape == (16, 32, 3)
+    assert np.abs(image[:, 8:24].astype(int) - known_image.astype(int)).max() <= 1
+    assert 'smaller than the 16x16 image' in run_cli('--network', f'{snapshot}.pkl', '--grid', tmp_path / 'g.png', '--inpaint',
+                                                     tmp_path / 'known.png', '--outpaint', '8x8').output
