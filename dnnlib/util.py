@@ -73,7 +73,8 @@ def _url_to_local_path(url: str) -> str:
     return path
 
 
-def _cache_path(url: str, cache_dir: str) -> str:
+def cache_path(url: str, cache_dir: str) -> str:
+    """Where open_url() keeps its downloaded copy of `url`."""
     name = os.path.basename(urllib.parse.urlparse(url).path) or 'download'
     digest = hashlib.md5(url.encode('utf-8')).hexdigest()
     return os.path.join(cache_dir, 'downloads', f'{digest}_{name}')
@@ -97,7 +98,7 @@ def open_url(path_or_url: str, cache_dir: Optional[str] = None, cache: bool = Tr
         return open(local, 'rb')
     if not cache:
         return io.BytesIO(_fetch(path_or_url, timeout))
-    dest = _cache_path(path_or_url, cache_dir or default_cache_dir())
+    dest = cache_path(path_or_url, cache_dir or default_cache_dir())
     if not os.path.isfile(dest):
         data = _fetch(path_or_url, timeout)
         os.makedirs(os.path.dirname(dest), exist_ok=True)

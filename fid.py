@@ -1,0 +1,320 @@
+"""Frechet Inception Distance (FID) and Kernel Inception Distance (KID) of a folder, a zip or a network's samples.
+
+Examples (torchrun needs `--` before the script: otherwise it takes --num for an abbreviation of its --numa-binding):
+  python fid.py ref --data=datasets/shapes-32x32.zip --dest=fid-refs/shapes-32x32.npz
+  torchrun --standalone --nproc_per_node=8 -- fid.py calc --images=fid-tmp --ref=fid-refs/shapes-32x32.npz --num=50000
+  torchrun --standalone --nproc_per_node=8 -- fid.py calc --network=snap.pkl --ref=fid-refs/shapes-32x32.npz --num=50000
+  python fid.py calc --images=fid-tmp --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz  # FID only
+"""
+
+import io
+import json
+import os
+import pickle
+import zipfile
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+
+import click
+import numpy as np
+import scipy.linalg
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import dnnlib
+from generate import parse_int_list
+from torch_utils import distributed
+from training.dataset import DatasetError, ImageFolderDataset
+from training.sampler import generate_images
+from training.snapshot import SnapshotError, atomic_write, load_network
+
+# Inception-v3 of TensorFlow's inception-2015-12-05 as a TorchScript module, as used by EDM and StyleGAN.
+DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
+
+
+def load_detector(path_or_url: str = DETECTOR_URL, device: torch.device = torch.device('cpu')) -> torch.nn.Module:
+    """A feature detector called as detector(uint8 NCHW RGB, return_features=True) -> [N, D]: a pickle or a torch.jit.save file."""
+    try:
+        with dnnlib.util.open_url(path_or_url) as f:
+            data = f.read()
+    except IOError as err:
+        hint = ''
+        if dnnlib.util.is_url(path_or_url) and not path_or_url.startswith('file://'):
+            cached = dnnlib.util.cache_path(path_or_url, dnnlib.util.default_cache_dir())
+            hint = f' (--detector=PATH), or save it as {cached} in the download cache ($DNNLIB_CACHE_DIR)'
+        raise click.ClickException(f'--detector: {err}{hint}')
+    try:
+        if data.startswith(b'PK\x03\x04'):  # torch.jit.save writes a zip archive; pickles may contain one, so not is_zipfile()
+            detector = torch.jit.load(io.BytesIO(data), map_location='cpu')
+        else:
+            detector = pickle.loads(data)
+    except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many different types
+        raise click.ClickException(f'--detector: {path_or_url}: not a TorchScript feature detector ({type(err).__name__}: {err})')
+    if not isinstance(detector, torch.nn.Module):
+        raise click.ClickException(f'--detector: {path_or_url} holds a {type(detector).__name__}, not a network')
+    return detector.eval().to(device)
+
+
+def load_ref(path_or_url: str) -> Dict[str, np.ndarray]:
+    """Reference statistics from an .npz: mu, sigma and, in files written by `fid.py ref`, the features KID needs."""
+    try:
+        with dnnlib.util.open_url(path_or_url) as f:
+            data = f.read()
+    except IOError as err:
+        raise click.ClickException(f'--ref: {err}')
+    try:
+        ref = dict(np.load(io.BytesIO(data)))
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise click.ClickException(f'--ref: {path_or_url}: not an .npz of reference statistics ({type(err).__name__}: {err})')
+    if 'mu' not in ref or 'sigma' not in ref:
+        raise click.ClickException(f'--ref: {path_or_url}: has no "mu" and "sigma" arrays (found: {", ".join(ref) or "none"})')
+    dim = len(ref['mu'])
+    if ref['mu'].ndim != 1 or ref['sigma'].shape != (dim, dim) or ('features' in ref and ref['features'].shape[1:] != (dim,)):
+        raise click.ClickException(f'--ref: {path_or_url}: "mu", "sigma" and "features" have inconsistent shapes')
+    return ref
+
+
+def rank_batches(items: Sequence[int], batch_size: int) -> List[np.ndarray]:
+    """This rank's contiguous share of `items`, cut into batches of at most `batch_size` (no empty batches)."""
+    share = np.array_split(np.asarray(items, dtype=np.int64), distributed.get_world_size())[distributed.get_rank()]
+    num_batches = -(-len(share) // batch_size)
+    return np.array_split(share, num_batches) if num_batches else []
+
+
+def open_dataset(path: str, num: Optional[int], seed: int, option: str) -> ImageFolderDataset:
+    """The images at `path`, or a random subset of `num` of them fixed by `seed`; at least two and no fewer than `num`."""
+    try:
+        dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
+    except DatasetError as err:
+        raise click.BadParameter(str(err), param_hint=option)
+    if num is not None and len(dataset) < num:
+        raise click.ClickException(f'{path} has {len(dataset)} images, fewer than --num={num}')
+    if len(dataset) < 2:
+        raise click.ClickException(f'{path} has {len(dataset)} image; statistics need at least 2')
+    return dataset
+
+
+def dataset_batches(dataset: ImageFolderDataset, batch_size: int, workers: int) -> Iterator[torch.Tensor]:
+    """This rank's share of the data set as uint8 NCHW batches, with a progress bar on rank 0."""
+    dataset.close()  # forked loader workers must not share the zip handle (and its file offset) opened while checking images
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b.tolist() for b in rank_batches(range(len(dataset)), batch_size)],
+                                         num_workers=workers)
+    for images, _labels in tqdm(loader, unit='batch', disable=distributed.get_rank() != 0):
+        yield images
+
+
+def network_batches(net: torch.nn.Module, seeds: Sequence[int], batch_size: int, device: torch.device,
+                    class_idx: Optional[int] = None, **sampler_kwargs) -> Iterator[torch.Tensor]:
+    """This rank's share of the seeds, sampled in memory as uint8 NCHW batches, with a progress bar on rank 0."""
+    for batch in tqdm(rank_batches(seeds, batch_size), unit='batch', disable=distributed.get_rank() != 0):
+        yield generate_images(net, batch.tolist(), device, class_idx=class_idx, **sampler_kwargs)
+
+
+def _all_reduce(x: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized():
+        x = x.to(distributed.collective_device())
+        dist.all_reduce(x, op=op)
+    return x
+
+
+def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `x`, concatenated in rank order (ranks may hold different numbers of rows)."""
+    if not dist.is_initialized():
+        return x
+    device = distributed.collective_device()
+    counts = [torch.zeros([1], dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(x)], device=device))
+    padded = torch.zeros([max(int(c) for c in counts), *x.shape[1:]], dtype=x.dtype, device=device)
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:int(c)] for part, c in zip(parts, counts)]).cpu()
+
+
+@torch.no_grad()
+def compute_feature_stats(batches: Iterable[torch.Tensor], detector: torch.nn.Module, device: torch.device,
+                          keep_features: bool = False) -> Dict[str, np.ndarray]:
+    """Feature statistics over every rank's uint8 NCHW `batches`: num, mu, sigma (float64) and, if asked, features (float32)."""
+    num, total, outer, kept = 0, 0, 0, []
+    for images in batches:
+        if images.shape[1] == 1:
+            images = images.repeat([1, 3, 1, 1])
+        features = detector(images.to(device), return_features=True).to(torch.float64)
+        num += len(features)
+        total = total + features.sum(0)
+        outer = outer + features.T @ features
+        if keep_features:
+            kept.append(features.to(torch.float32).cpu())
+
+    # A rank with no images (fewer images than ranks) learns the feature size from the others.
+    dim = int(_all_reduce(torch.tensor([len(total) if num else 0], device=device), op=dist.ReduceOp.MAX))
+    if not num:
+        total, outer = torch.zeros([dim], dtype=torch.float64, device=device), torch.zeros([dim, dim], dtype=torch.float64, device=device)
+    num = int(_all_reduce(torch.tensor([num], device=device)))
+    total, outer = _all_reduce(total).cpu(), _all_reduce(outer).cpu()
+    mu = total / num
+    stats = dict(num=num, mu=mu.numpy(), sigma=((outer - num * mu.outer(mu)) / (num - 1)).numpy())
+    if keep_features:
+        stats['features'] = _all_gather_rows(torch.cat(kept) if kept else torch.zeros([0, dim])).numpy()
+    return stats
+
+
+def calculate_fid(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+    """Frechet distance |mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2)) between two Gaussians."""
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():  # singular product: regularise as the TensorFlow FID code does
+        offset = np.eye(len(sigma1)) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        imag = np.abs(covmean.imag).max()
+        if imag > 1e-3 * max(np.abs(covmean.real).max(), 1):
+            raise ValueError(f'sqrtm(sigma1 @ sigma2) has a large imaginary part ({imag:g}); the covariances are not valid')
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def kid_subset_estimates(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000,
+                         seed: int = 0) -> np.ndarray:
+    """Unbiased MMD^2 with the kernel (x.y / d + 1)^3 on `num_subsets` random subsets of both feature sets."""
+    rng = np.random.RandomState(seed)
+    m = min(len(feats1), len(feats2), max_subset_size)
+    d = feats1.shape[1]
+    estimates = np.zeros(num_subsets)
+    for i in range(num_subsets):
+        x = feats1[rng.choice(len(feats1), m, replace=False)].astype(np.float64)
+        y = feats2[rng.choice(len(feats2), m, replace=False)].astype(np.float64)
+        kxx, kyy, kxy = (k * k * k for k in (a @ b.T / d + 1 for a, b in [(x, x), (y, y), (x, y)]))  # ** 3 is much slower
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        estimates[i] = within - 2 * kxy.mean()
+    return estimates
+
+
+def calculate_kid(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000, seed: int = 0) -> float:
+    """Kernel Inception Distance: the mean of kid_subset_estimates()."""
+    return float(kid_subset_estimates(feats1, feats2, num_subsets, max_subset_size, seed).mean())
+
+
+def _rank0_first(fn, path_or_url: str, *args):
+    """fn(path_or_url, *args); for a URL, rank 0 goes first so that only it downloads into the cache."""
+    download = dist.is_initialized() and dnnlib.util.is_url(path_or_url)
+    if download and distributed.get_rank() != 0:
+        dist.barrier()
+    result = fn(path_or_url, *args)
+    if download and distributed.get_rank() == 0:
+        dist.barrier()
+    return result
+
+
+def _init(device: str) -> torch.device:
+    try:
+        return distributed.init(device)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint='--device')
+
+
+def _finish() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@click.group()
+def main() -> None:
+    """Calculate FID and KID against reference statistics (see the examples at the top of fid.py)."""
+
+
+detector_option = click.option('--detector', 'detector_path', help='Feature detector: pickle or torch.jit.save file', metavar='PKL|PT|URL',
+                               default=DETECTOR_URL, show_default='Inception-v3')
+batch_option = click.option('--batch', 'batch_size', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1),
+                            default=64, show_default=True)
+workers_option = click.option('--workers', help='Data loader processes per rank', metavar='INT', type=click.IntRange(min=0), default=2,
+                              show_default=True)
+device_option = click.option('--device', help='Where to run', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
+
+
+@main.command()
+@click.option('--data', 'data_path', help='Data set', metavar='DIR|ZIP', required=True)
+@click.option('--dest', 'dest_path', help='Where to write the statistics', metavar='NPZ', required=True)
+@detector_option
+@batch_option
+@workers_option
+@device_option
+def ref(data_path: str, dest_path: str, detector_path: str, batch_size: int, workers: int, device: str) -> None:
+    """Write reference statistics of a data set: mu, sigma (EDM's layout) and the features for KID."""
+    torch_device = _init(device)
+    detector = _rank0_first(load_detector, detector_path, torch_device)
+    dataset = open_dataset(data_path, None, 0, '--data')
+    distributed.print0(f'Computing features of {len(dataset)} images from {data_path}...')
+    stats = compute_feature_stats(dataset_batches(dataset, batch_size, workers), detector, torch_device, keep_features=True)
+    if distributed.get_rank() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(dest_path)), exist_ok=True)
+        atomic_write(dest_path, lambda f: np.savez(f, mu=stats['mu'], sigma=stats['sigma'], features=stats['features']))
+    distributed.print0(f'Saved statistics of {stats["num"]} images to {dest_path}')
+    _finish()
+
+
+@main.command()
+@click.option('--images', 'image_path', help='Images to score', metavar='DIR|ZIP')
+@click.option('--network', 'network_path', help='Or a network snapshot to sample from', metavar='PKL|PT|URL')
+@click.option('--ref', 'ref_path', help='Reference statistics', metavar='NPZ|URL', required=True)
+@click.option('--num', help='Number of images to score', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--seed', help='Seed of the random subset of --images', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--seeds', help='Seeds for --network  [default: 0 to num-1]', metavar='LIST')
+@click.option('--class', 'class_idx', help='Class label for --network  [default: random]', metavar='INT', type=click.IntRange(min=0))
+@click.option('--steps', 'num_steps', help='Sampling steps for --network', metavar='INT', type=click.IntRange(min=1), default=50,
+              show_default=True)
+@click.option('--solver', help='ODE solver for --network', type=click.Choice(['heun', 'euler']), default='heun', show_default=True)
+@click.option('--cfg', help='Classifier-free guidance scale for --network', metavar='FLOAT', type=float, default=1.0, show_default=True)
+@click.option('--json', 'json_path', help='Append the result as one JSON line', metavar='PATH')
+@detector_option
+@batch_option
+@workers_option
+@device_option
+def calc(image_path: Optional[str], network_path: Optional[str], ref_path: str, num: int, seed: int, seeds: Optional[str],
+         class_idx: Optional[int], json_path: Optional[str], detector_path: str, batch_size: int, workers: int, device: str,
+         **sampler_kwargs) -> None:
+    """Score --images or --num samples of --network against --ref: prints FID and KID."""
+    if (image_path is None) == (network_path is None):
+        raise click.UsageError('give exactly one of --images and --network')
+    seed_list = parse_int_list(seeds) if seeds is not None else list(range(num))
+    if len(seed_list) < num:
+        raise click.BadParameter(f'{len(seed_list)} seeds, fewer than --num={num}', param_hint='--seeds')
+    torch_device = _init(device)
+    ref_stats = _rank0_first(load_ref, ref_path)
+    detector = _rank0_first(load_detector, detector_path, torch_device)
+    if image_path is not None:
+        batches = dataset_batches(open_dataset(image_path, num, seed, '--images'), batch_size, workers)
+    else:
+        try:
+            net = _rank0_first(load_network, network_path, torch_device)
+        except SnapshotError as err:
+            raise click.BadParameter(str(err), param_hint='--network')
+        if class_idx is not None and not class_idx < net.label_dim:
+            raise click.BadParameter(f'{class_idx}: the network has {net.label_dim} classes', param_hint='--class')
+        if sampler_kwargs['cfg'] != 1 and not net.label_dim:
+            raise click.BadParameter('guidance needs a class-conditional network', param_hint='--cfg')
+        batches = network_batches(net, seed_list[:num], batch_size, torch_device, class_idx=class_idx, **sampler_kwargs)
+    source = image_path or network_path
+    distributed.print0(f'Computing features of {num} images from {source}...')
+    stats = compute_feature_stats(batches, detector, torch_device, keep_features='features' in ref_stats)
+    if stats['mu'].shape != ref_stats['mu'].shape:
+        raise click.ClickException(f'the detector gives {len(stats["mu"])} features but {ref_path} has {len(ref_stats["mu"])}; '
+                                   'use the --detector that made the reference')
+    if distributed.get_rank() == 0:
+        try:
+            fid = calculate_fid(stats['mu'], stats['sigma'], ref_stats['mu'], ref_stats['sigma'])
+        except ValueError as err:
+            raise click.ClickException(f'FID: {err}')
+        kid = calculate_kid(stats['features'], ref_stats['features']) if 'features' in ref_stats else None
+        click.echo(f'FID {fid:g}')
+        click.echo(f'KID {kid:g}' if kid is not None else
+                   f'KID unavailable: {ref_path} has only mu and sigma; make a reference with features using "fid.py ref"')
+        if json_path is not None:
+            with open(json_path, 'a') as f:
+                f.write(json.dumps(dict(fid=fid, kid=kid, num=stats['num'], ref=ref_path, source=source, detector=detector_path)) + '\n')
+    _finish()
+
+
+if __name__ == '__main__':
+    main()

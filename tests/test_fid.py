@@ -1,0 +1,199 @@
+"""fid.py: FID and KID formulas, a custom TorchScript detector end to end, 1 vs 2 processes, --network, clear errors."""
+
+import copyreg
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dataset_tool
+import fid
+from multiproc import free_port
+from training.networks import EDMPrecond
+from training.snapshot import save_network_snapshot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ['--device', 'cpu', '--workers', '0']
+
+
+class ColourStats(torch.nn.Module):
+    """A stand-in for Inception-v3 with its call signature: quadrant colour means and stds through fixed random projections."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer('proj', torch.randn([15, 16], generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        x = x.to(torch.float32) / 255
+        pooled = torch.cat([torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1), x.flatten(2).std(dim=2)], dim=1)
+        return torch.tanh(pooled @ self.proj * 2)
+
+
+def pickle_like_official(module: torch.jit.ScriptModule) -> bytes:
+    """A plain pickle of a ScriptModule (pickle.dumps alone refuses ScriptModules in torch 2.x: it reduces to torch.jit.load)."""
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    stream = io.BytesIO()
+    pickler = pickle.Pickler(stream)
+    pickler.dispatch_table = copyreg.dispatch_table.copy()
+    pickler.dispatch_table[torch.jit.RecursiveScriptModule] = lambda m: (torch.jit.load, (io.BytesIO(buffer.getvalue()),))
+    pickler.dump(module)
+    return stream.getvalue()
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    """Two demo data sets, the detector as a jit.save file and as a pickle, and a tiny network snapshot."""
+    root = tmp_path_factory.mktemp('fid')
+    for name, seed in [('a', 0), ('b', 1)]:
+        dataset_tool.convert('demo:shapes', str(root / f'{name}.zip'), (16, 16), None, 64, seed)
+    detector = torch.jit.script(ColourStats())
+    torch.jit.save(detector, str(root / 'detector.pt'))
+    (root / 'detector.pkl').write_bytes(pickle_like_official(detector))
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=16, img_channels=3, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    save_network_snapshot(str(root / 'net'), dict(ema=net.eval(), loss_fn=None, augment_pipe=None, dataset_kwargs={}))
+    result = run('ref', '--data', root / 'a.zip', '--dest', root / 'ref-a.npz', '--detector', root / 'detector.pt', '--batch', 16)
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def run(*args):
+    return CliRunner().invoke(fid.main, [str(a) for a in args] + FAST)
+
+
+def scores(stdout):
+    lines = dict(line.split(' ', 1) for line in stdout.splitlines() if line.startswith(('FID ', 'KID ')))
+    return float(lines['FID']), lines['KID']
+
+
+def test_fid_of_diagonal_gaussians_is_the_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2, a, b = rng.normal(size=8), rng.normal(size=8), rng.uniform(0.1, 2, size=8), rng.uniform(0.1, 2, size=8)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert fid.calculate_fid(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+    assert fid.calculate_fid(mu2, np.diag(b), mu1, np.diag(a)) == pytest.approx(expected, rel=1e-9)
+    x = rng.normal(size=[200, 8])
+    sigma = np.cov(x, rowvar=False)
+    assert abs(fid.calculate_fid(x.mean(0), sigma, x.mean(0), sigma)) < 1e-6
+    assert np.isfinite(fid.calculate_fid(mu1, np.zeros([8, 8]), mu2, np.diag(b)))  # singular covariance
+
+
+def test_kid_is_zero_for_one_distribution_and_positive_for_two():
+    rng = np.random.default_rng(0)
+    x, y, z = rng.normal(size=[400, 16]), rng.normal(size=[400, 16]), rng.normal(0.3, 1.2, size=[400, 16])
+    same = fid.kid_subset_estimates(x, y, num_subsets=50, max_subset_size=100)
+    different = fid.kid_subset_estimates(x, z, num_subsets=50, max_subset_size=100)
+    assert abs(same.mean()) < 3 * same.std() / np.sqrt(len(same))
+    assert different.mean() > 10 * abs(same.mean()) and different.mean() > 3 * different.std() / np.sqrt(len(different))
+    assert fid.calculate_kid(x, z, num_subsets=50, max_subset_size=100) == pytest.approx(different.mean())
+    assert fid.calculate_kid(x, z, num_subsets=5, seed=1) == fid.calculate_kid(x, z, num_subsets=5, seed=1)
+
+
+@pytest.mark.parametrize('detector', ['detector.pt', 'detector.pkl'])
+def test_ref_and_calc_with_a_custom_detector(files, tmp_path, detector):
+    result = run('ref', '--data', files / 'a.zip', '--dest', tmp_path / 'sub' / 'ref.npz', '--detector', files / detector, '--batch', 10)
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / 'sub' / 'ref.npz') as ref:
+        assert ref['mu'].dtype == np.float64 and ref['mu'].shape == (16,) and ref['sigma'].shape == (16, 16)
+        assert ref['features'].dtype == np.float32 and ref['features'].shape == (64, 16)
+        assert np.allclose(ref['mu'], ref['features'].mean(0), atol=1e-6)
+        assert np.allclose(ref['sigma'], np.cov(ref['features'].astype(np.float64), rowvar=False), atol=1e-6)
+
+    json_path = tmp_path / 'scores.jsonl'
+    common = ['--ref', tmp_path / 'sub' / 'ref.npz', '--detector', files / detector, '--num', 64, '--json', json_path]
+    same, shifted = run('calc', '--images', files / 'a.zip', *common), run('calc', '--images', files / 'b.zip', *common)
+    assert same.exit_code == 0 and shifted.exit_code == 0, same.output + shifted.output
+    (fid_same, kid_same), (fid_shifted, kid_shifted) = scores(same.stdout), scores(shifted.stdout)
+    assert abs(fid_same) < 1e-6 and fid_shifted > 1e-3
+    assert float(kid_shifted) > float(kid_same)  # the unbiased estimate of a set against itself is slightly negative
+    records = [json.loads(line) for line in json_path.read_text().splitlines()]
+    assert [r['source'] for r in records] == [str(files / 'a.zip'), str(files / 'b.zip')]
+    assert records[1]['fid'] == pytest.approx(fid_shifted, rel=1e-5) and records[1]['kid'] == pytest.approx(float(kid_shifted), rel=1e-5)
+    assert records[1]['num'] == 64 and records[1]['ref'] == str(tmp_path / 'sub' / 'ref.npz')
+    assert records[1]['detector'] == str(files / detector)
+
+
+def test_grayscale_images_are_repeated_to_rgb(files):
+    detector = fid.load_detector(str(files / 'detector.pt'))
+    gray = torch.randint(0, 256, [6, 1, 16, 16], dtype=torch.uint8)
+    one = fid.compute_feature_stats([gray], detector, torch.device('cpu'), keep_features=True)
+    three = fid.compute_feature_stats([gray.repeat(1, 3, 1, 1)], detector, torch.device('cpu'), keep_features=True)
+    assert np.array_equal(one['features'], three['features']) and one['num'] == 6
+
+
+def test_ref_without_features_still_gives_fid(files, tmp_path):
+    with np.load(files / 'ref-a.npz') as ref:
+        np.savez(tmp_path / 'edm.npz', mu=ref['mu'], sigma=ref['sigma'])
+    result = run('calc', '--images', files / 'b.zip', '--ref', tmp_path / 'edm.npz', '--detector', files / 'detector.pt', '--num', 64)
+    assert result.exit_code == 0, result.output
+    fid_value, kid = scores(result.stdout)
+    assert fid_value > 1e-3 and kid.startswith('unavailable') and 'fid.py ref' in kid
+
+
+def test_two_processes_give_the_same_statistics_as_one(files, tmp_path):
+    args = ['ref', f'--data={files / "a.zip"}', f'--detector={files / "detector.pt"}', '--batch=16', *FAST]
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             'fid.py', *args, f'--dest={tmp_path / "two.npz"}'], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(files / 'ref-a.npz') as one, np.load(tmp_path / 'two.npz') as two:
+        assert np.allclose(one['mu'], two['mu'], rtol=1e-10, atol=0)
+        assert np.allclose(one['sigma'], two['sigma'], rtol=1e-10, atol=1e-14)
+        assert np.array_equal(one['features'], two['features'])  # gathered back in data set order
+
+
+def test_calc_network_scores_samples_in_memory(files, tmp_path):
+    args = ['calc', '--network', files / 'net.pkl', '--ref', files / 'ref-a.npz', '--detector', files / 'detector.pt', '--num', 8,
+            '--steps', 2, '--batch', 8]
+    first, second = run(*args), run(*args, '--seeds', '0-9')  # --num takes the first 8 of the seeds
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    assert np.isfinite(scores(first.stdout)[0]) and scores(first.stdout) == scores(second.stdout)
+    assert not list(tmp_path.iterdir())
+
+
+def test_unreachable_detector_url_says_where_to_get_it(files, tmp_path, monkeypatch):
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+    url = f'http://127.0.0.1:{free_port()}/inception-2015-12-05.pkl'
+    result = run('ref', '--data', files / 'a.zip', '--dest', tmp_path / 'r.npz', '--detector', url)
+    assert result.exit_code == 1 and 'Traceback' not in result.output
+    message = result.output.strip()
+    assert message.count('\n') == 0 and url in message and '--detector=PATH' in message
+    assert str(tmp_path / 'cache') in message and 'DNNLIB_CACHE_DIR' in message
+    assert not (tmp_path / 'r.npz').exists()
+
+
+@pytest.mark.parametrize('make, message', [
+    (lambda p: None, 'file not found'),
+    (lambda p: p.write_bytes(b'not an npz at all'), 'not an .npz of reference statistics'),
+    (lambda p: p.write_bytes((p.parent / 'good.npz').read_bytes()[:300]), 'not an .npz of reference statistics'),
+    (lambda p: np.savez(str(p), mean=np.zeros(3)), 'has no "mu" and "sigma"'),
+])
+def test_bad_ref_gives_one_line_error(files, tmp_path, make, message):
+    (tmp_path / 'good.npz').write_bytes((files / 'ref-a.npz').read_bytes())
+    make(tmp_path / 'ref.npz')
+    result = run('calc', '--images', files / 'a.zip', '--ref', tmp_path / 'ref.npz', '--detector', files / 'detector.pt', '--num', 64)
+    assert result.exit_code == 1 and 'Traceback' not in result.output, result.output
+    assert message in result.output and str(tmp_path / 'ref.npz') in result.output and result.output.strip().count('\n') == 0
+
+
+@pytest.mark.parametrize('args, code, message', [
+    (['--images', '{a}', '--num', 65], 1, 'has 64 images, fewer than --num=65'),
+    (['--network', '{net}', '--num', 8, '--seeds', '0-6'], 2, '7 seeds, fewer than --num=8'),
+    (['--images', '{nowhere}', '--num', 8], 2, 'no such directory or zip file'),
+    (['--images', '{a}', '--network', '{net}', '--num', 8], 2, 'exactly one of --images and --network'),
+    (['--num', 8], 2, 'exactly one of --images and --network'),
+    (['--network', '{net}', '--num', 8, '--cfg', 2], 2, 'guidance needs a class-conditional network'),
+])
+def test_bad_calc_arguments_give_clear_errors(files, args, code, message):
+    paths = dict(a=files / 'a.zip', net=files / 'net.pkl', nowhere=files / 'nowhere')
+    args = [str(a).format(**paths) for a in args]
+    result = run('calc', '--ref', files / 'ref-a.npz', '--detector', files / 'detector.pt', *args)
+    assert result.exit_code == code and 'Traceback' not in result.output, result.output
+    assert message in result.output
