@@ -18,7 +18,7 @@ import dnnlib
 from torch_utils import distributed
 from training.dataset import DatasetError
 from training.networks import check_patch_size
-from training.snapshot import SnapshotError, newest_state
+from training.snapshot import SnapshotError, load_state, newest_state
 from training.training_loop import split_batch, training_loop
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
@@ -208,6 +208,11 @@ def main(ctx: click.Context, **kwargs) -> None:
     if dist.is_initialized():
         dist.broadcast_object_list(decision, src=0)
     run_dir, resume_state = decision[0]
+    if resume_state is not None:
+        try:
+            load_state(resume_state)  # fail on a bad file before anything is written into its run directory
+        except SnapshotError as err:
+            raise click.ClickException(str(err))
     c.training_options = dict(opts)
 
     distributed.print0(json.dumps(dict(c, run_dir=run_dir, resume_state=resume_state), indent=2))

@@ -78,11 +78,16 @@ def save_state(path: str, state: Dict[str, Any]) -> None:
 def load_state(path: str) -> Dict[str, Any]:
     """Read a training-state file written by save_state()."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=False)
+        state = torch.load(path, map_location='cpu', weights_only=False)
     except FileNotFoundError:
         raise SnapshotError(f'--resume: {path} does not exist') from None
     except Exception as err:  # noqa: BLE001 - truncation shows up as several different error types
         raise SnapshotError(f'--resume: {path} is corrupt or truncated ({type(err).__name__}: {err})') from None
+    required = ('net', 'ema', 'optimizer', 'cur_nimg', 'cur_tick', 'consumed', 'rng', 'seed', 'schedule')
+    missing = [key for key in required if key not in state] if isinstance(state, dict) else list(required)
+    if missing:
+        raise SnapshotError(f'--resume: {path} is not a training-state file (no "{missing[0]}" entry)')
+    return state
 
 
 def newest_state(run_dir: str) -> Optional[str]:

@@ -16,7 +16,9 @@ import dnnlib
 from torch_utils import distributed, misc, training_stats
 from training import snapshot
 from training.networks import check_patch_size
+from training.images import save_image_grid
 from training.patch import PatchSchedule, coordinate_grid
+from training.sampler import generate_images
 
 
 def split_batch(batch_size: int, batch_gpu: Optional[int], world_size: int) -> Tuple[int, int]:
@@ -175,11 +177,16 @@ def training_loop(
         else:
             distributed.print0(f'Warning: state was saved by {len(state["rng"])} processes, not {world_size}; '
                                'random streams restart, so the run continues but not bit-exactly.')
-    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
-                                                    broadcast_buffers=False) if world_size > 1 else net
+    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None) \
+        if world_size > 1 else net
+    if state is None:
+        misc.copy_params_and_buffers(net, ema, require_all=True)  # DDP gave every rank rank 0's weights; so must the EMA
 
     # Training.
     total_nimg = int(total_kimg * 1000)
+    if cur_nimg >= total_nimg:
+        distributed.print0(f'Already trained for {cur_nimg / 1e3:g} kimg of {total_kimg} kimg; nothing to do.')
+        return
     collector = training_stats.Collector(regex='.*')
     stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at') if rank == 0 else None
     distributed.install_stop_handlers()
@@ -187,7 +194,7 @@ def training_loop(
     tick_start_nimg, tick_start_time = cur_nimg, time.time()
     maintenance_time = tick_start_time - start_time
     while True:
-        size = schedule.sample(progress=cur_nimg / total_nimg) if schedule else resolution
+        size = schedule.sample(progress=min(cur_nimg / max(total_nimg, 1), 1)) if schedule else resolution
         multiplier = schedule.batch_multiplier(size) if schedule else 1
         optimizer.zero_grad(set_to_none=True)
         for round_idx in range(num_rounds):
@@ -249,8 +256,8 @@ def training_loop(
                                                dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe,
                                                     dataset_kwargs=dict(dataset_kwargs), training_options=training_options))
                 if preview is not None:
-                    from training.preview import save_preview_grid
-                    save_preview_grid(ema, os.path.join(run_dir, f'preview-{stem}.png'), device=device, **preview)
+                    grid = generate_images(ema, seeds=range(preview['num_images']), device=device, num_steps=preview['num_steps'])
+                    save_image_grid(grid, os.path.join(run_dir, f'preview-{stem}.png'))
         if state_dump_ticks is not None and (done or stop or cur_tick % state_dump_ticks == 0):
             rng = _gather_objects(_rng_state(device))
             if rank == 0:
