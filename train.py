@@ -61,6 +61,18 @@ def resolve_options(ctx: click.Context, opts: Dict[str, Any]) -> dnnlib.EasyDict
     return opts
 
 
+def preset_options(name: Optional[str] = None, **overrides) -> dnnlib.EasyDict:
+    """CLI option values for a preset (or the defaults) with overrides, as train.py would resolve them."""
+    opts = dnnlib.EasyDict({param.name: param.default for param in main.params})
+    if name is not None:
+        opts.update(load_preset(name), preset=name)
+    unknown = set(overrides) - set(opts)
+    if unknown:
+        raise ValueError(f'unknown train.py options: {sorted(unknown)}')
+    opts.update(overrides)
+    return opts
+
+
 def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, world_size: int) -> dnnlib.EasyDict:
     """Turn resolved CLI options into the keyword arguments of training_loop()."""
     c = dnnlib.EasyDict()

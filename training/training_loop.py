@@ -5,7 +5,7 @@ import json
 import os
 import random
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import psutil
@@ -87,6 +87,26 @@ def _memory_gb(device: torch.device) -> Tuple[float, float]:
     cpu = psutil.Process(os.getpid()).memory_info().rss / 2**30
     gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0.0
     return cpu, gpu
+
+
+def optimizer_step(ddp: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, next_round: Callable,
+                   size: int, multiplier: int, num_rounds: int, lr: float, augment_pipe: Optional[Callable] = None,
+                   loss_scaling: float = 1) -> None:
+    """One training step: accumulate gradients over `num_rounds` rounds of `next_round(multiplier)` data, then update."""
+    optimizer.zero_grad(set_to_none=True)
+    for round_idx in range(num_rounds):
+        with misc.ddp_sync(ddp, sync=(round_idx == num_rounds - 1)):
+            images, labels = next_round(multiplier)
+            loss = loss_fn(ddp, images, size, labels=labels, augment_pipe=augment_pipe)
+            training_stats.report('Loss/loss', loss)
+            # Sum over pixels, mean over this process's images of the step, as EDM does.
+            loss.sum().mul(loss_scaling / (len(images) * num_rounds)).backward()
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    for param in ddp.parameters():
+        if param.grad is not None:
+            torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+    optimizer.step()
 
 
 def training_loop(
@@ -196,22 +216,10 @@ def training_loop(
     while True:
         size = schedule.sample(progress=min(cur_nimg / max(total_nimg, 1), 1)) if schedule else resolution
         multiplier = schedule.batch_multiplier(size) if schedule else 1
-        optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(num_rounds):
-            with misc.ddp_sync(ddp, sync=(round_idx == num_rounds - 1)):
-                images, labels = batches.next_round(multiplier)
-                loss = loss_fn(ddp, images, size, labels=labels, augment_pipe=augment_pipe)
-                training_stats.report('Loss/loss', loss)
-                # Sum over pixels, mean over this process's images of the step, as EDM does.
-                loss.sum().mul(loss_scaling / (batch_gpu * num_rounds * multiplier)).backward()
+        lr = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+        optimizer_step(ddp, optimizer, loss_fn, batches.next_round, size, multiplier, num_rounds, lr,
+                       augment_pipe=augment_pipe, loss_scaling=loss_scaling)
         consumed += num_rounds * multiplier * batch_gpu
-
-        for group in optimizer.param_groups:
-            group['lr'] = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-        for param in net.parameters():
-            if param.grad is not None:
-                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-        optimizer.step()
 
         step_nimg = batch_size * multiplier
         ema_nimg = ema_halflife_kimg * 1000
