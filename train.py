@@ -63,7 +63,7 @@ def resolve_options(ctx: click.Context, opts: Dict[str, Any]) -> dnnlib.EasyDict
 
 def preset_options(name: Optional[str] = None, **overrides) -> dnnlib.EasyDict:
     """CLI option values for a preset (or the defaults) with overrides, as train.py would resolve them."""
-    opts = dnnlib.EasyDict({param.name: param.default for param in main.params})
+    opts = dnnlib.EasyDict(main.make_context('train.py', [], resilient_parsing=True).params)
     if name is not None:
         opts.update(load_preset(name), preset=name)
     unknown = set(overrides) - set(opts)
