@@ -24,9 +24,14 @@ from tqdm import tqdm
 import dnnlib
 from generate import parse_int_list
 from torch_utils import distributed
+from training import demo_shapes
 from training.dataset import DatasetError, ImageFolderDataset
+from training.evaluate import heldout_loss
+from training.images import save_image_grid
 from training.sampler import generate_images
 from training.snapshot import SnapshotError, atomic_write, load_network
+
+HELDOUT_INDEX = 10 ** 7  # demo images from this index on are never in a data set made by dataset_tool.py (5000 by default)
 
 # Inception-v3 of TensorFlow's inception-2015-12-05 as a TorchScript module, as used by EDM and StyleGAN.
 DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
@@ -219,6 +224,18 @@ def _finish() -> None:
         dist.destroy_process_group()
 
 
+def _open_network(network_path: str, device: torch.device, class_idx: Optional[int], cfg: float) -> torch.nn.Module:
+    try:
+        net = _rank0_first(load_network, network_path, device)
+    except SnapshotError as err:
+        raise click.BadParameter(str(err), param_hint='--network')
+    if class_idx is not None and not class_idx < net.label_dim:
+        raise click.BadParameter(f'{class_idx}: the network has {net.label_dim} classes', param_hint='--class')
+    if cfg != 1 and not net.label_dim:
+        raise click.BadParameter('guidance needs a class-conditional network', param_hint='--cfg')
+    return net
+
+
 @click.group()
 def main() -> None:
     """Calculate FID and KID against reference statistics (see the examples at the top of fid.py)."""
@@ -286,14 +303,7 @@ def calc(image_path: Optional[str], network_path: Optional[str], ref_path: str, 
     if image_path is not None:
         batches = dataset_batches(open_dataset(image_path, num, seed, '--images'), batch_size, workers)
     else:
-        try:
-            net = _rank0_first(load_network, network_path, torch_device)
-        except SnapshotError as err:
-            raise click.BadParameter(str(err), param_hint='--network')
-        if class_idx is not None and not class_idx < net.label_dim:
-            raise click.BadParameter(f'{class_idx}: the network has {net.label_dim} classes', param_hint='--class')
-        if sampler_kwargs['cfg'] != 1 and not net.label_dim:
-            raise click.BadParameter('guidance needs a class-conditional network', param_hint='--cfg')
+        net = _open_network(network_path, torch_device, class_idx, sampler_kwargs['cfg'])
         batches = network_batches(net, seed_list[:num], batch_size, torch_device, class_idx=class_idx, **sampler_kwargs)
     source = image_path or network_path
     distributed.print0(f'Computing features of {num} images from {source}...')
@@ -313,6 +323,40 @@ def calc(image_path: Optional[str], network_path: Optional[str], ref_path: str, 
         if json_path is not None:
             with open(json_path, 'a') as f:
                 f.write(json.dumps(dict(fid=fid, kid=kid, num=stats['num'], ref=ref_path, source=source, detector=detector_path)) + '\n')
+    _finish()
+
+
+@main.command()
+@click.option('--network', 'network_path', help='Snapshot of a model trained on the demo set', metavar='PKL|PT|URL', required=True)
+@click.option('--num', help='Number of generated images to score', metavar='INT', type=click.IntRange(min=1), default=256, show_default=True)
+@click.option('--heldout', help='Number of fresh demo images for the held-out loss', metavar='INT', type=click.IntRange(min=1),
+              default=512, show_default=True)
+@click.option('--steps', 'num_steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--grid', help='Also save the first 64 samples as a PNG grid', metavar='PATH.png')
+@click.option('--json', 'json_path', help='Append the result as one JSON line', metavar='PATH')
+@batch_option
+@device_option
+def demo(network_path: str, num: int, heldout: int, num_steps: int, grid: Optional[str], json_path: Optional[str],
+         batch_size: int, device: str) -> None:
+    """Score a model of the built-in demo set: coherence of its samples and held-out denoising loss (no detector needed)."""
+    torch_device = _init(device)
+    if distributed.get_world_size() > 1:
+        raise click.UsageError('fid.py demo runs in one process')
+    net = _open_network(network_path, torch_device, None, 1.0)
+    if net.img_channels != 3:
+        raise click.BadParameter(f'the network makes {net.img_channels}-channel images; the demo set is RGB', param_hint='--network')
+    images = torch.cat(list(network_batches(net, list(range(num)), batch_size, torch_device, num_steps=num_steps))).cpu()
+    coherence = demo_shapes.coherence_score(images)
+    fresh = np.stack([demo_shapes.make_image(HELDOUT_INDEX + i, net.img_resolution)[0] for i in range(heldout)])
+    loss = heldout_loss(net, torch.from_numpy(fresh).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    click.echo(f'coherence_score {coherence:.4f}  (1.0 = every sample symmetric and one-coloured)')
+    click.echo(f'heldout_loss {loss["mean"]:.4f}  (' + ', '.join(f'{k} {v:.3f}' for k, v in loss.items() if k != 'mean') + ')')
+    if grid is not None:
+        save_image_grid(images[:64], grid)
+        click.echo(f'Saved {min(num, 64)} samples to {grid}')
+    if json_path is not None:
+        with open(json_path, 'a') as f:
+            f.write(json.dumps(dict(coherence=coherence, heldout_loss=loss, num=num, steps=num_steps, network=network_path)) + '\n')
     _finish()
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
@@ -197,3 +198,15 @@ def test_bad_calc_arguments_give_clear_errors(files, args, code, message):
     result = run('calc', '--ref', files / 'ref-a.npz', '--detector', files / 'detector.pt', *args)
     assert result.exit_code == code and 'Traceback' not in result.output, result.output
     assert message in result.output
+
+
+def test_demo_scores_a_snapshot_without_a_detector(files, tmp_path):
+    result = CliRunner().invoke(fid.main, ['demo', '--network', str(files / 'net.pkl'), '--num', '4', '--steps', '2', '--heldout', '8',
+                                           '--device', 'cpu', '--grid', str(tmp_path / 'grid.png'), '--json', str(tmp_path / 'r.jsonl')])
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split(' ', 2)[:2] for line in result.stdout.splitlines() if line.startswith(('coherence_score', 'heldout_loss')))
+    assert 0 <= float(lines['coherence_score']) <= 1 and float(lines['heldout_loss']) > 0
+    record = json.loads((tmp_path / 'r.jsonl').read_text())
+    assert record['coherence'] == pytest.approx(float(lines['coherence_score']), abs=1e-4) and record['num'] == 4
+    assert set(record['heldout_loss']) == {'sigma=0.05', 'sigma=0.2', 'sigma=0.5', 'sigma=1', 'sigma=2', 'sigma=5', 'mean'}
+    assert PIL.Image.open(tmp_path / 'grid.png').size == (32, 32)
