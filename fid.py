@@ -273,7 +273,7 @@ def ref(data_path: str, dest_path: str, detector_path: str, batch_size: int, wor
 
 @main.command()
 @click.option('--images', 'image_path', help='Images to score', metavar='DIR|ZIP')
-@click.option('--network', 'network_path', help='Or a network snapshot to sample from', metavar='PKL|PT|URL')
+@click.option('--network', 'network_path', help='Or a network snapshot (or run directory) to sample from', metavar='PKL|PT|URL|DIR')
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='NPZ|URL', required=True)
 @click.option('--num', help='Number of images to score', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', help='Seed of the random subset of --images', metavar='INT', type=int, default=0, show_default=True)
@@ -327,7 +327,7 @@ def calc(image_path: Optional[str], network_path: Optional[str], ref_path: str, 
 
 
 @main.command()
-@click.option('--network', 'network_path', help='Snapshot of a model trained on the demo set', metavar='PKL|PT|URL', required=True)
+@click.option('--network', 'network_path', help='Snapshot (or run directory) of a model trained on the demo set', metavar='PKL|PT|URL|DIR', required=True)
 @click.option('--num', help='Number of generated images to score', metavar='INT', type=click.IntRange(min=1), default=256, show_default=True)
 @click.option('--heldout', help='Number of fresh demo images for the held-out loss', metavar='INT', type=click.IntRange(min=1),
               default=512, show_default=True)

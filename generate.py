@@ -84,7 +84,7 @@ def painting_inputs(net: torch.nn.Module, inpaint: Optional[str], mask: Optional
 
 
 @click.command()
-@click.option('--network', 'network_path', help='Network snapshot: .pkl, weights-only .pt, or URL', metavar='PKL|PT|URL', required=True)
+@click.option('--network', 'network_path', help='Network snapshot: .pkl, weights-only .pt, URL, or a run directory (newest .pkl)', metavar='PKL|PT|URL|DIR', required=True)
 @click.option('--outdir', help='Where to save one PNG per seed', metavar='DIR')
 @click.option('--grid', help='Also save all images as one PNG grid', metavar='PATH.png')
 @click.option('--seeds', help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', default='0-63', show_default=True)

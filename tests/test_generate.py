@@ -39,7 +39,8 @@ def read_dir(folder):
 
 def test_same_seed_same_image_for_any_batch_size_and_format(snapshot, tmp_path):
     for batch, ext in [(1, 'pkl'), (7, 'pkl'), (3, 'pt')]:
-        result = run_cli('--network', f'{snapshot}.{ext}', '--outdir', tmp_path / f'b{batch}{ext}', '--seeds', '0-8', '--batch', batch,
+        network = os.path.dirname(snapshot) if batch == 7 else f'{snapshot}.{ext}'  # a run directory: its newest .pkl
+        result = run_cli('--network', network, '--outdir', tmp_path / f'b{batch}{ext}', '--seeds', '0-8', '--batch', batch,
                          '--device', 'cpu', *STEPS)
         assert result.exit_code == 0, result.output
     a, b, c = (read_dir(tmp_path / d) for d in ['b1pkl', 'b7pkl', 'b3pt'])
@@ -71,16 +72,16 @@ def test_grid_and_subdirs(snapshot, tmp_path):
 
 
 @pytest.mark.parametrize('make, message', [
-    (lambda p: None, 'file not found'),
-    (lambda p: p.write_bytes(b'just some text'), 'not a network snapshot'),
-    (lambda p: p.write_bytes(open(p.parent.parent / 'snapshot.pkl', 'rb').read()[:5000]), 'not a network snapshot'),
+    (lambda p: p, 'file not found'),
+    (lambda p: p.parent, 'holds no network-snapshot-*.pkl'),
+    (lambda p: p.write_bytes(b'just some text') and p, 'not a network snapshot'),
+    (lambda p: p.write_bytes(open(p.parent.parent / 'snapshot.pkl', 'rb').read()[:5000]) and p, 'not a network snapshot'),
 ])
 def test_bad_network_gives_one_line_error(snapshot, tmp_path, make, message):
     (tmp_path / 'snapshot.pkl').write_bytes(open(f'{snapshot}.pkl', 'rb').read())
     (tmp_path / 'sub').mkdir()
-    bad = tmp_path / 'sub' / 'bad.pkl'
-    make(bad)
-    result = run_cli('--network', bad, '--grid', tmp_path / 'g.png', '--device', 'cpu')
+    network = make(tmp_path / 'sub' / 'bad.pkl')
+    result = run_cli('--network', network, '--grid', tmp_path / 'g.png', '--device', 'cpu')
     assert result.exit_code == 2 and message in result.output and 'Traceback' not in result.output
 
 

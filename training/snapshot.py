@@ -46,7 +46,12 @@ def save_network_snapshot(path_stem: str, data: Dict[str, Any]) -> None:
 
 
 def load_network(path_or_url: str, device: torch.device = torch.device('cpu')) -> torch.nn.Module:
-    """The EMA network of a .pkl snapshot (ours, EDM's or Patch Diffusion's) or of a weights-only .pt file, in eval mode."""
+    """The EMA network of a .pkl snapshot (ours, EDM's or Patch Diffusion's), a weights-only .pt file, or the newest .pkl in a run directory."""
+    if os.path.isdir(path_or_url):
+        newest = newest_file(path_or_url, 'network-snapshot', '.pkl')
+        if newest is None:
+            raise SnapshotError(f'{path_or_url}: directory holds no network-snapshot-*.pkl')
+        path_or_url = newest
     try:
         with dnnlib.open_url(path_or_url) as f:
             data = f.read()
@@ -90,9 +95,15 @@ def load_state(path: str) -> Dict[str, Any]:
     return state
 
 
-def newest_state(run_dir: str) -> Optional[str]:
-    """Path of the training-state file with the highest kimg in `run_dir`, or None."""
+def newest_file(run_dir: str, prefix: str, suffix: str) -> Optional[str]:
+    """Path of `<prefix>-<kimg><suffix>` with the highest kimg in `run_dir`, or None."""
     if not os.path.isdir(run_dir):
         return None
-    found = [(int(m.group(1)), name) for name in os.listdir(run_dir) if (m := re.fullmatch(r'training-state-(\d+)\.pt', name))]
+    pattern = re.escape(prefix) + r'-(\d+)' + re.escape(suffix)
+    found = [(int(m.group(1)), name) for name in os.listdir(run_dir) if (m := re.fullmatch(pattern, name))]
     return os.path.join(run_dir, max(found)[1]) if found else None
+
+
+def newest_state(run_dir: str) -> Optional[str]:
+    """Path of the training-state file with the highest kimg in `run_dir`, or None."""
+    return newest_file(run_dir, 'training-state', '.pt')
