@@ -1,0 +1,102 @@
+"""Smoke tests of bench/train_throughput.py and bench/sample_speed.py on tiny networks on the CPU (a few seconds each)."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bench import sample_speed, train_throughput
+from training.patch import PatchSchedule
+
+TINY = ['--preset=demo', '--device=cpu', '--cbase=8']
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Keep to one CPU thread: the machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def invoke(main, args: list) -> str:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def expected_costs(resolution: int, real_p: float) -> tuple:
+    """(pixel cost, images per step) of a stochastic schedule, straight from PatchSchedule."""
+    schedule = PatchSchedule(resolution, real_p=real_p)
+    cost = sum(p * m * (s / resolution) ** 2 for p, m, s in zip(schedule.probs, schedule.multipliers, schedule.sizes))
+    return cost, schedule.mean_batch_multiplier
+
+
+def test_train_throughput_all_configs(tmp_path):
+    path = tmp_path / 'train.json'
+    output = invoke(train_throughput.main, TINY + ['--batch-gpu=4', '--warmup=1', '--blocks=2', '--steps-per-block=1',
+                                                   f'--json={path}'])
+    result = json.loads(path.read_text())
+    assert list(result['configs']) == ['full', 'p=1.0', 'p=0.5', 'p=0.25', 'progressive']
+    for name in result['configs']:
+        assert name in output
+    assert 'efficiency' in output and 's/step median' in output
+    assert result['preset'] == 'demo' and result['batch_gpu'] == 4 and result['resolution'] == 32
+    assert result['environment']['torch'] == torch.__version__ and result['environment']['device_name']
+
+    for name, row in result['configs'].items():
+        assert row['steps'] == 2 and sum(row['size_counts'].values()) == 2
+        assert len(row['block_sec_per_step']) == 2 and all(t > 0 for t in row['block_sec_per_step'])
+        assert row['sec_per_step_mean'] > 0 and row['sec_per_step_median'] > 0
+        assert row['images_per_sec'] > 0 and row['mpix_per_sec'] > 0 and row['peak_memory_gb'] > 0
+        images = sum(4 * {32: 1, 16: 2, 8: 4}[int(s)] * n for s, n in row['size_counts'].items())
+        assert row['images_per_sec'] == pytest.approx(images / (row['sec_per_step_mean'] * 2))
+        assert row['images_per_sec_ratio'] == pytest.approx(row['images_per_sec'] / result['configs']['full']['images_per_sec'])
+        assert row['efficiency'] == pytest.approx(row['images_per_sec_ratio'] * row['expected_pixel_cost']
+                                                  / row['expected_images_per_step'])
+
+    full = result['configs']['full']
+    assert full['size_counts'] == {'32': 2}
+    assert full['sec_per_step_ratio'] == 1 and full['images_per_sec_ratio'] == 1 and full['efficiency'] == 1
+    assert (full['expected_pixel_cost'], full['expected_images_per_step']) == (1, 1)
+    assert result['configs']['p=1.0']['size_counts'] == {'32': 2}
+    for name in ('p=0.5', 'progressive'):
+        row = result['configs'][name]
+        assert (row['expected_pixel_cost'], row['expected_images_per_step']) == expected_costs(32, 0.5)
+        assert row['expected_pixel_cost'] == pytest.approx(0.70, abs=1e-12)
+        assert row['expected_images_per_step'] == pytest.approx(1.9, abs=1e-12)
+        assert row['ideal_images_per_sec_ratio'] == pytest.approx(1.9 / 0.7)
+    p25 = result['configs']['p=0.25']
+    assert (p25['expected_pixel_cost'], p25['expected_images_per_step']) == expected_costs(32, 0.25)
+
+
+def test_train_throughput_subset_without_full(tmp_path):
+    path = tmp_path / 'train.json'
+    invoke(train_throughput.main, TINY + ['--batch-gpu=2', '--warmup=0', '--blocks=1', '--steps-per-block=1',
+                                          '--configs=p=0.25', f'--json={path}'])
+    row = json.loads(path.read_text())['configs']['p=0.25']
+    assert row['images_per_sec'] > 0 and row['sec_per_step_ratio'] is None and row['efficiency'] is None
+
+
+def test_progressive_block_sweeps_all_sizes_in_their_shares():
+    schedule = PatchSchedule(32, real_p=0.5, mode='progressive')
+    trainer = train_throughput.Trainer('progressive', None, None, None, None, schedule, 32, 0.0, 1.0)
+    assert trainer.draw_sizes(10) == [8] * 2 + [16] * 3 + [32] * 5
+
+
+def test_bad_configs_option():
+    result = CliRunner().invoke(train_throughput.main, TINY + ['--configs=full,p=0.7'])
+    assert result.exit_code != 0 and 'choose from' in result.output
+
+
+def test_sample_speed(tmp_path):
+    path = tmp_path / 'sample.json'
+    output = invoke(sample_speed.main, TINY + ['--steps=2', '--batch=1,2', '--repeats=1', f'--json={path}'])
+    result = json.loads(path.read_text())
+    assert 'img/s' in output and result['steps'] == 2 and result['resolution'] == 32
+    assert [row['batch'] for row in result['batches']] == [1, 2]
+    for row in result['batches']:
+        assert row['sec_per_batch_median'] > 0 and row['peak_memory_gb'] > 0
+        assert row['images_per_sec'] == pytest.approx(row['batch'] / row['sec_per_batch_median'])
