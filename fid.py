@@ -31,8 +31,6 @@ from training.images import save_image_grid
 from training.sampler import generate_images
 from training.snapshot import SnapshotError, atomic_write, load_network
 
-HELDOUT_INDEX = 10 ** 7  # demo images from this index on are never in a data set made by dataset_tool.py (5000 by default)
-
 # Inception-v3 of TensorFlow's inception-2015-12-05 as a TorchScript module, as used by EDM and StyleGAN.
 DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 
@@ -347,8 +345,7 @@ def demo(network_path: str, num: int, heldout: int, num_steps: int, grid: Option
         raise click.BadParameter(f'the network makes {net.img_channels}-channel images; the demo set is RGB', param_hint='--network')
     images = torch.cat(list(network_batches(net, list(range(num)), batch_size, torch_device, num_steps=num_steps))).cpu()
     coherence = demo_shapes.coherence_score(images)
-    fresh = np.stack([demo_shapes.make_image(HELDOUT_INDEX + i, net.img_resolution)[0] for i in range(heldout)])
-    loss = heldout_loss(net, torch.from_numpy(fresh).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    loss = heldout_loss(net, demo_shapes.heldout_images(heldout, net.img_resolution))
     click.echo(f'coherence_score {coherence:.4f}  (1.0 = every sample symmetric and one-coloured)')
     click.echo(f'heldout_loss {loss["mean"]:.4f}  (' + ', '.join(f'{k} {v:.3f}' for k, v in loss.items() if k != 'mean') + ')')
     if grid is not None:

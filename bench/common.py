@@ -156,3 +156,46 @@ def write_json(path: str, data: Dict[str, Any]) -> None:
         json.dump(data, f, indent=2)
         f.write('\n')
 
+
+
+def line_plot(series: Dict[str, Sequence[Tuple[float, float]]], path: str, xlabel: str, ylabel: str,
+              size: Tuple[int, int] = (720, 440)) -> None:
+    """Draw named (x, y) series as a PNG line chart with axes, ticks and a legend (Pillow only)."""
+    import PIL.Image
+    import PIL.ImageDraw
+    colours = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#17becf']
+    points = [p for values in series.values() for p in values]
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    width, height = size
+    left, right, top, bottom = 70, 170, 20, 50
+    image = PIL.Image.new('RGB', size, 'white')
+    draw = PIL.ImageDraw.Draw(image)
+
+    def to_px(x: float, y: float) -> Tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (width - left - right),
+                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline='black')
+    for i in range(6):
+        xv, yv = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
+        px, _ = to_px(xv, y0)
+        _, py = to_px(x0, yv)
+        draw.line([px, height - bottom, px, height - bottom + 4], fill='black')
+        draw.text((px - 12, height - bottom + 8), f'{xv:.4g}', fill='black')
+        draw.line([left - 4, py, left, py], fill='black')
+        draw.text((8, py - 6), f'{yv:.4g}', fill='black')
+    draw.text(((left + width - right) / 2 - 30, height - 18), xlabel, fill='black')
+    draw.text((8, 2), ylabel, fill='black')
+    for k, (name, values) in enumerate(series.items()):
+        colour = colours[k % len(colours)]
+        pixels = [to_px(x, y) for x, y in values]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=2)
+        for px, py in pixels:
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+        draw.line([width - right + 12, top + 10 + 18 * k, width - right + 36, top + 10 + 18 * k], fill=colour, width=3)
+        draw.text((width - right + 42, top + 4 + 18 * k), name, fill='black')
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image.save(path)
