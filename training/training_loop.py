@@ -65,7 +65,9 @@ class _Batches:
 
     def next_round(self, multiplier: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Images in [-1, 1] and labels for one round, on the device."""
+        start = time.perf_counter()
         parts = [next(self._iterator) for _ in range(multiplier)]
+        training_stats.report('Timing/data_wait_sec', time.perf_counter() - start)  # time the step waits for the loader
         images = torch.cat([p[0] for p in parts]).to(self._device, non_blocking=True)
         labels = torch.cat([p[1] for p in parts]).to(self._device, non_blocking=True)
         return images.to(torch.float32) / 127.5 - 1, labels
@@ -217,8 +219,10 @@ def training_loop(
         size = schedule.sample(progress=min(cur_nimg / max(total_nimg, 1), 1)) if schedule else resolution
         multiplier = schedule.batch_multiplier(size) if schedule else 1
         lr = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+        step_start = time.perf_counter()
         optimizer_step(ddp, optimizer, loss_fn, batches.next_round, size, multiplier, num_rounds, lr,
                        augment_pipe=augment_pipe, loss_scaling=loss_scaling)
+        training_stats.report('Timing/step_sec', time.perf_counter() - step_start)
         consumed += num_rounds * multiplier * batch_gpu
 
         step_nimg = batch_size * multiplier
