@@ -39,7 +39,8 @@ def train_for(name: str, data: str, run_dir: str, budget: float, tick_kimg: floa
     command = [sys.executable, 'train.py', '--preset=demo', f'--data={data}', f'--outdir={run_dir}', '--nosubdir', '--seed=0',
                '--duration=1000', f'--tick={tick_kimg}', '--snap=1', '--dump=100000', '--preview=False', *CONFIGS[name], *extra]
     print(f'[{name}] training for {budget:.0f} s: {" ".join(command[1:])}', flush=True)
-    with open(os.path.join(os.path.dirname(run_dir), f'{name}.log'), 'w') as log:
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+    with open(os.path.join(os.path.dirname(run_dir), 'train.log'), 'w') as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         start = time.time()
         try:
@@ -82,8 +83,8 @@ def write_report(path: str, results: Dict[str, Dict], plot: str, budget: float, 
     rel = lambda p: os.path.relpath(p, folder)  # noqa: E731
     lines = ['# p-ablation on the demo set', '',
              f'Made by `python bench/ablation.py` on {platform.processor() or platform.machine()} ({os.cpu_count()} CPUs), '
-             f'torch {torch.__version__}. Each run trains the `demo` preset (tiny DDPM++, 32x32, batch 32) for the same '
-             f'wall-clock budget of {budget:.0f} s on CPU, then is scored: held-out loss = EDM-weighted denoising loss of the EMA '
+             f'torch {torch.__version__}. Each run trains the `demo` preset (tiny DDPM++, 32x32, see configs/demo.json) for the same '
+             f'wall-clock budget of {budget:.0f} s on CPU (plus any --extra options), then is scored: held-out loss = EDM-weighted denoising loss of the EMA '
              f'on 512 fresh demo images at sigma in {{0.05, 0.2, 0.5, 1, 2, 5}} (mean); coherence = `coherence_score` of '
              f'{samples} samples ({steps} Heun steps; 1.0 = every sample mirror-symmetric and one-coloured).', '',
              '| run | kimg trained | held-out loss | coherence |', '| --- | --- | --- | --- |']
