@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 
+import PIL.Image
 import pytest
 import torch
 
@@ -153,6 +154,15 @@ def test_architectures_train_and_snapshots_load_in_fresh_process(data, tmp_path,
         assert result['finite'] and result['same']  # .pkl and .pt hold the same network
         assert result['pkl_keys'] == ['augment_pipe', 'dataset_kwargs', 'ema', 'loss_fn', 'training_options']
         assert result['training'] is False and result['grad'] is False
+
+    # generate.py, as a user runs it, makes a grid from the freshly trained run directory.
+    if arch == 'ddpmpp':
+        grid = tmp_path / 'grid.png'
+        proc = subprocess.run([sys.executable, os.path.join(h.REPO, 'generate.py'), f'--network={h.only_run_dir(str(tmp_path / "on"))}',
+                               '--seeds=0-3', '--steps=3', '--device=cpu', f'--grid={grid}'], cwd=str(tmp_path),
+                              env=h.subprocess_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert PIL.Image.open(grid).size == (2 * RES, 2 * RES)
 
 
 #----------------------------------------------------------------------------
