@@ -1,7 +1,6 @@
 """bench/ablation.py end to end on a tiny budget: two runs, scored, plotted and reported."""
 
 import json
-import os
 
 import PIL.Image
 import pytest

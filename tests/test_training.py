@@ -316,7 +316,7 @@ def test_ddp_two_ranks(data, tmp_path):
     calls = list(zip(r0['calls'], r1['calls']))
     i = 0
     for record in stats:
-        count = total_sum = 0
+        count = 0
         sums = [0.0, 0.0]
         while count < record['Loss/loss']['num']:
             c0, c1 = calls[i]
