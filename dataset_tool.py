@@ -20,7 +20,7 @@ import PIL.Image
 from tqdm import tqdm
 
 from training import demo_shapes
-from training.dataset import IMAGE_EXTENSIONS
+from training.dataset import GRAYSCALE_MODES, IMAGE_EXTENSIONS
 
 Item = Tuple[str, Callable[[], PIL.Image.Image], Optional[object]]  # (name, loader, label)
 
@@ -89,7 +89,7 @@ def list_source(source: str, max_images: Optional[int], seed: int, resolution: O
 
 def transform_image(image: PIL.Image.Image, resolution: Optional[Tuple[int, int]], transform: Optional[str]) -> np.ndarray:
     """Crop and resize as asked; returns a uint8 HWC (or HW for grayscale) array."""
-    image = image.convert('L' if image.mode in ('1', 'L', 'LA', 'I', 'I;16') else 'RGB')
+    image = image.convert('L' if image.mode in GRAYSCALE_MODES else 'RGB')
     w, h = image.size
     if transform == 'center-crop':
         side = min(w, h)
