@@ -115,6 +115,9 @@ class GroupNorm(torch.nn.Module):
         return torch.nn.functional.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
+ATTN_IMPLS = ('sdpa', 'explicit')  # torch's scaled_dot_product_attention, or EDM's einsum path (bit-exact with EDM)
+
+
 class _AttentionWeights(torch.autograd.Function):
     """softmax over k of q.k / sqrt(c), computed in float32 but saved in the input dtype."""
 
@@ -147,7 +150,9 @@ class UNetBlock(torch.nn.Module):
                  channels_per_head: int = 64, dropout: float = 0, skip_scale: float = 1, eps: float = 1e-5,
                  resample_filter: Sequence[float] = (1, 1), resample_proj: bool = False,
                  adaptive_scale: bool = True, init: dict = {}, init_zero: dict = {'init_weight': 0},
-                 init_attn: Optional[dict] = None):
+                 init_attn: Optional[dict] = None, attn_impl: str = 'sdpa'):
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got "{attn_impl}"')
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -159,6 +164,7 @@ class UNetBlock(torch.nn.Module):
         self.dropout = dropout
         self.skip_scale = skip_scale
         self.adaptive_scale = adaptive_scale
+        self.attn_impl = attn_impl
 
         self.norm0 = GroupNorm(in_channels, eps=eps)
         self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
@@ -187,12 +193,21 @@ class UNetBlock(torch.nn.Module):
         x = self.conv1(torch.nn.functional.dropout(x, p=self.dropout, training=self.training))
         x = (x + residual) * self.skip_scale
         if self.num_heads:
-            # The qkv channels are laid out as [head, channel, q/k/v]; checkpoints depend on this order.
-            n, c, h, w = x.shape
-            q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
-            a = torch.einsum('nqk,nck->ncq', _AttentionWeights.apply(q, k), v)
-            x = (self.proj(a.reshape(n, c, h, w)) + x) * self.skip_scale
+            x = (self.proj(self._attention(self.qkv(self.norm2(x)))) + x) * self.skip_scale
         return x
+
+    def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Multi-head self-attention over the pixels of a [N, 3C, H, W] qkv tensor; returns [N, C, H, W]."""
+        # The qkv channels are laid out as [head, channel, q/k/v]; checkpoints depend on this order.
+        n, c, h, w = qkv.shape
+        c //= 3
+        if self.attn_impl == 'explicit':
+            q, k, v = qkv.reshape(n * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
+            return torch.einsum('nqk,nck->ncq', _AttentionWeights.apply(q, k), v).reshape(n, c, h, w)
+        # -> [q/k/v, n, head, pixel, channel]; contiguous because fused kernels need a unit stride in the last dim.
+        qkv = qkv.reshape(n, self.num_heads, c // self.num_heads, 3, h * w).permute(3, 0, 1, 4, 2).contiguous()
+        a = torch.nn.functional.scaled_dot_product_attention(*qkv.unbind(0))
+        return a.transpose(2, 3).reshape(n, c, h, w)
 
 
 @persistence.persistent_class
@@ -257,6 +272,7 @@ class SongUNet(torch.nn.Module):
         encoder_type: str = 'standard',                 # 'standard' (DDPM++), 'skip' or 'residual' (NCSN++).
         decoder_type: str = 'standard',                 # 'standard' or 'skip'.
         resample_filter: Sequence[float] = (1, 1),      # (1, 1) for DDPM++, (1, 3, 3, 1) for NCSN++.
+        attn_impl: str = 'sdpa',                        # Self-attention: 'sdpa' or 'explicit' (EDM's, bit-exact).
     ):
         for name, value, allowed in [('embedding_type', embedding_type, ('fourier', 'positional')),
                                      ('encoder_type', encoder_type, ('standard', 'skip', 'residual')),
@@ -274,7 +290,7 @@ class SongUNet(torch.nn.Module):
         init_attn = dict(init_mode='xavier_uniform', init_weight=np.sqrt(0.2))
         block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=np.sqrt(0.5),
                             eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-                            init=init, init_zero=init_zero, init_attn=init_attn)
+                            init=init, init_zero=init_zero, init_attn=init_attn, attn_impl=attn_impl)
 
         if embedding_type == 'positional':
             self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
@@ -382,6 +398,7 @@ class DhariwalUNet(torch.nn.Module):
         attn_resolutions: Sequence[int] = (32, 16, 8),  # Nominal resolutions with self-attention.
         dropout: float = 0.10,                          # Dropout inside the residual blocks.
         label_dropout: float = 0,                       # Probability of zeroing class labels in training.
+        attn_impl: str = 'sdpa',                        # Self-attention: 'sdpa' or 'explicit' (EDM's, bit-exact).
     ):
         super().__init__()
         self.img_resolution = img_resolution
@@ -390,7 +407,8 @@ class DhariwalUNet(torch.nn.Module):
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode='kaiming_uniform', init_weight=np.sqrt(1 / 3), init_bias=np.sqrt(1 / 3))
         init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
-        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
+        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero,
+                            attn_impl=attn_impl)
 
         self.map_noise = PositionalEmbedding(model_channels)
         self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
