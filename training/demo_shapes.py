@@ -1,6 +1,6 @@
 """The built-in demo data set: mirror-symmetric images of shapes that all share one colour per image.
 
-Each image is black with one to three filled shapes (disk, square, triangle) drawn on its left side and
+Each image is black with one or two filled shapes (disk, square, triangle) drawn on its left side and
 mirrored onto its right side, so the whole image is symmetric about its vertical centre line, and every
 shape has the same saturated colour, picked per image. Getting either property right needs the whole
 picture: a pixel's mirror partner is far away, and a patch that shows part of one shape must agree in
@@ -30,10 +30,10 @@ def make_image(index: int, resolution: int = 32, seed: int = 0) -> Tuple[np.ndar
     centres = (np.arange(resolution) + 0.5) / resolution
     u, v = np.meshgrid(centres, centres)  # u: column, v: row, both in (0, 1)
     mask = np.zeros((resolution, resolution), dtype=bool)
-    for _ in range(rng.integers(1, 4)):
+    for _ in range(rng.integers(1, 3)):
         kind = rng.integers(3)
         cx, cy = rng.uniform(0.08, 0.5), rng.uniform(0.15, 0.85)
-        r = rng.uniform(0.08, 0.18)
+        r = rng.uniform(0.12, 0.24)
         if kind == 0:
             mask |= (u - cx) ** 2 + (v - cy) ** 2 <= r ** 2
         elif kind == 1:
