@@ -171,3 +171,20 @@ def test_zip_dataset_survives_pickling_for_workers(source, tmp_path):
     clone = pickle.loads(pickle.dumps(ds))
     np.testing.assert_array_equal(clone[3][0], arrays[3].transpose(2, 0, 1))
     assert zipfile.is_zipfile(tmp_path / 'd.zip')
+
+
+def test_cache_is_shared_by_loader_workers(source, tmp_path):
+    import torch
+    src, arrays, _ = source
+    run_tool('--source', str(src), '--dest', str(tmp_path / 'd.zip'))
+    ds = ImageFolderDataset(str(tmp_path / 'd.zip'), cache=True)
+    if not ds._cache.shared:
+        pytest.skip('/dev/shm has too little room for a shared cache on this machine')
+    assert not ds._cache.filled.any()
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, multiprocessing_context='spawn')
+    loaded = torch.cat([images for images, _labels in loader])
+    # The workers decoded every image; their writes are visible here, in the parent, without decoding again.
+    assert ds._cache.filled.all()
+    for i, array in enumerate(arrays):
+        np.testing.assert_array_equal(ds._cache.get(i), array.transpose(2, 0, 1))
+        np.testing.assert_array_equal(loaded[i].numpy(), array.transpose(2, 0, 1))

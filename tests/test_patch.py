@@ -179,3 +179,16 @@ def test_schedule_rejects_bad_mode_and_resolution():
         PatchSchedule(3)
 
 #----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device'))])
+def test_device_crop_after_uint8_transfer_equals_host_crop(device):
+    # The loop moves uint8 images to the device, converts them there and crops there; cropping on the host first must agree.
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, [8, 3, 32, 32], dtype=torch.uint8, generator=generator)
+    top, left = random_positions(8, 32, 8, generator=generator)
+    on_device = images.to(device).to(torch.float32) / 127.5 - 1
+    patches, coords = crop_at(on_device, top.to(device), left.to(device), 8)
+    host = np.stack([images[i, :, t:t + 8, l:l + 8].numpy() for i, (t, l) in enumerate(zip(top.tolist(), left.tolist()))])
+    assert torch.equal(patches.cpu(), torch.from_numpy(host).to(torch.float32) / 127.5 - 1)
+    assert torch.equal(coords.cpu(), torch.stack([coordinate_grid(32, 8, top=t, left=l) for t, l in zip(top.tolist(), left.tolist())]))

@@ -3,6 +3,8 @@
 import io
 import json
 import os
+import shutil
+import sys
 import zipfile
 from typing import Dict, List, Optional, Tuple
 
@@ -18,11 +20,47 @@ class DatasetError(ValueError):
     """A data set that cannot be used; the message names the source and, where there is one, the file."""
 
 
+class SharedImageCache:
+    """Decoded uint8 images of a data set in one tensor that loader workers share, filled by whichever process reads first.
+
+    The tensor lives in shared memory (/dev/shm) when it fits there, so N loader workers hold one copy instead of N,
+    and an image decoded by one worker is ready for all. When /dev/shm is too small (Docker's default is 64 MB)
+    it falls back to private memory: forked workers then share the pages until each writes its own.
+    """
+
+    def __init__(self, num_images: int, image_shape: Tuple[int, int, int]):
+        self.images = torch.empty([num_images, *image_shape], dtype=torch.uint8)
+        self.filled = torch.zeros([num_images], dtype=torch.bool)
+        self.shared = _shm_free_bytes() > self.images.numel() + num_images
+        if self.shared:
+            self.images.share_memory_()
+            self.filled.share_memory_()
+        else:
+            print(f'Warning: /dev/shm has too little room for a {self.images.numel() / 2**30:.2f} GiB image cache; '
+                  'each loader worker will keep its own copy.', file=sys.stderr)
+
+    def get(self, idx: int) -> Optional[np.ndarray]:
+        """Image `idx` if some process has decoded it already, else None."""
+        return self.images[idx].numpy() if self.filled[idx] else None
+
+    def put(self, idx: int, image: np.ndarray) -> None:
+        """Store decoded image `idx`; the flag is set after the pixels so that readers never see a partial image."""
+        self.images[idx] = torch.from_numpy(image)
+        self.filled[idx] = True
+
+
+def _shm_free_bytes() -> int:
+    try:
+        return shutil.disk_usage('/dev/shm').free
+    except OSError:
+        return 0
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Square images of one size from a directory or zip, as uint8 CHW arrays with one-hot labels.
 
     Options: `max_size` keeps a random subset (fixed by `random_seed`), `xflip` appends mirrored copies,
-    `use_labels` reads labels from dataset.json, `cache` keeps decoded images in memory.
+    `use_labels` reads labels from dataset.json, `cache` keeps decoded images in a SharedImageCache.
     """
 
     def __init__(self, path: str, resolution: Optional[int] = None, max_size: Optional[int] = None,
@@ -46,7 +84,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
         self._raw_shape = self._check_shapes(resolution)
         self._raw_labels = self._load_labels() if use_labels else None
-        self._cache = {} if cache else None
+        self._cache = SharedImageCache(len(self._image_names), self._raw_shape[1:]) if cache else None
 
         self._raw_idx = np.arange(len(self._image_names), dtype=np.int64)
         if max_size is not None and max_size < len(self._raw_idx):
@@ -160,7 +198,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if image is None:
             image = self._load_raw_image(raw_idx)
             if self._cache is not None:
-                self._cache[raw_idx] = image
+                self._cache.put(raw_idx, image)
         if self._xflip[idx]:
             image = image[:, :, ::-1]
         return image.copy(), self.get_label(idx)
