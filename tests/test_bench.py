@@ -100,3 +100,23 @@ def test_sample_speed(tmp_path):
     for row in result['batches']:
         assert row['sec_per_batch_median'] > 0 and row['peak_memory_gb'] > 0
         assert row['images_per_sec'] == pytest.approx(row['batch'] / row['sec_per_batch_median'])
+
+
+def test_data_wait_reports_share_per_config(tmp_path):
+    from bench import data_wait
+    from training_helpers import make_dataset
+    data = make_dataset(str(tmp_path / 'shapes.zip'))
+    path = tmp_path / 'wait.json'
+    output = invoke(data_wait.main, [f'--data={data}', '--device=cpu', '--workers=1', '--kimg=0.064', '--configs=full,p=0.5',
+                                     '--extra=--cbase=8 --cres=1,2 --attn=8 --batch=8', f'--json={path}'])
+    rows = json.loads(path.read_text())['rows']
+    assert [r['config'] for r in rows] == ['full', 'p=0.5'] and 'wait share %' in output
+    for row in rows:
+        assert row['steps'] > 0 and 0 <= row['share'] < 100 and 0 <= row['wait_ms'] < row['step_ms']
+
+
+def test_data_wait_measure_skips_first_tick():
+    from bench import data_wait
+    tick = lambda wait, step, num: {'Timing/data_wait_sec': {'num': num, 'mean': wait}, 'Timing/step_sec': {'num': num, 'mean': step}}  # noqa: E731
+    result = data_wait.measure([tick(5.0, 6.0, 2), tick(0.01, 0.1, 4), tick(0.03, 0.1, 4)])
+    assert result['steps'] == 8 and result['share'] == pytest.approx(20.0) and result['step_ms'] == pytest.approx(100.0)
