@@ -8,6 +8,7 @@ Examples:
 import json
 import os
 import re
+import shutil
 from typing import Any, Dict, Optional
 
 import click
@@ -99,11 +100,13 @@ def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, worl
         c.network_kwargs.num_blocks = opts.blocks
     if opts.attn is not None:
         c.network_kwargs.attn_resolutions = parse_int_list(opts.attn)
-    c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16, use_bf16=opts.bf16)
+    # use_fp16/use_bf16 make the EMA in the snapshots sample in reduced precision, as in EDM; training itself runs
+    # the network under torch.autocast (see `precision`), which keeps the weights float32.
+    c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16, use_bf16=opts.bf16, attn_impl=opts.attn_impl)
     if opts.cond:
         c.network_kwargs.label_dropout = opts.label_dropout
     c.loss_kwargs = dnnlib.EasyDict(class_name=f'training.loss.{"Patch" if opts.patch == "on" else ""}{loss}')
-    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8, fused=True)
     c.augment_kwargs = None
     if opts.augment:
         c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment, xflip=1e8, yflip=1,
@@ -112,16 +115,35 @@ def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, worl
     c.patch_kwargs = dnnlib.EasyDict(real_p=opts.real_p, mode='progressive' if opts.progressive else 'stochastic') \
         if opts.patch == 'on' else None
     c.update(total_kimg=opts.duration * 1000, ema_halflife_kimg=opts.ema * 1000, ema_rampup_ratio=opts.ema_rampup,
-             lr_rampup_kimg=opts.lr_rampup * 1000, batch_size=opts.batch, batch_gpu=opts.batch_gpu, loss_scaling=opts.ls,
+             lr_rampup_kimg=opts.lr_rampup * 1000, batch_size=opts.batch, batch_gpu=opts.batch_gpu,
+             precision='bf16' if opts.bf16 else 'fp16' if opts.fp16 else 'fp32',
+             loss_scaling=opts.ls if opts.ls is not None else 2.0 ** 16 if opts.fp16 else 1,
+             compile_kwargs=dnnlib.EasyDict(dynamic=False) if opts.compile else None, channels_last=opts.channels_last,
              cudnn_benchmark=opts.bench, tf32=opts.tf32, kimg_per_tick=opts.tick, snapshot_ticks=opts.snap,
              state_dump_ticks=opts.dump, seed=opts.seed, transfer=opts.transfer)
     c.preview = dnnlib.EasyDict(num_images=64, num_steps=opts.preview_steps) if opts.preview else None
 
-    dtype = 'bf16' if opts.bf16 else 'fp16' if opts.fp16 else 'fp32'
     patch = f'patch{opts.real_p:g}{"prog" if opts.progressive else ""}' if opts.patch == 'on' else 'full'
     c.desc = (f'{dataset_name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{opts.precond}-{patch}'
-              f'-gpus{world_size}-batch{opts.batch}-{dtype}') + (f'-{opts.desc}' if opts.desc else '')
+              f'-gpus{world_size}-batch{opts.batch}-{c.precision}') + (f'-{opts.desc}' if opts.desc else '')
     return c
+
+
+def find_cxx() -> Optional[str]:
+    """Path of the C++ compiler that torch.compile needs on the CPU ($CXX, else g++), or None."""
+    return shutil.which(os.environ.get('CXX', 'g++'))
+
+
+def check_speed_options(opts: dnnlib.EasyDict, device: torch.device) -> None:
+    """Raise a click error for precision and compile options that cannot work together or on this device."""
+    if opts.fp16 and opts.bf16:
+        raise click.UsageError('--fp16 and --bf16 exclude each other; pick one')
+    if opts.fp16 and device.type != 'cuda':
+        raise click.BadParameter(f'float16 autocast with loss scaling needs CUDA, not {device.type}; use --bf16 there',
+                                 param_hint='--fp16')
+    if opts.compile and device.type == 'cpu' and find_cxx() is None:
+        raise click.BadParameter('torch.compile on the CPU needs a C++ compiler: install g++ or set $CXX',
+                                 param_hint='--compile')
 
 
 def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]) -> tuple:
@@ -169,10 +191,13 @@ def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]
 @click.option('--label-dropout', help='Label dropout for guidance (with --cond)', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.1, show_default=True)
 @click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.12, show_default=True)
 @click.option('--xflip', help='Enable dataset x-flips', type=bool, default=False, show_default=True)
-@click.option('--fp16', help='Enable mixed-precision training (CUDA)', type=bool, default=False, show_default=True)
-@click.option('--bf16', help='Run the network in bfloat16', type=bool, default=False, show_default=True)
-@click.option('--tf32', help='Allow TF32 matmuls and convolutions (CUDA)', type=bool, default=False, show_default=True)
-@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option('--fp16', help='float16 autocast with dynamic loss scaling (CUDA only)', metavar='[BOOL]', type=bool, default=False, show_default=True, is_flag=False, flag_value=True)
+@click.option('--bf16', help='bfloat16 autocast (CUDA or CPU)', metavar='[BOOL]', type=bool, default=False, show_default=True, is_flag=False, flag_value=True)
+@click.option('--tf32', help='Allow TF32 matmuls and convolutions (CUDA)', metavar='[BOOL]', type=bool, default=False, show_default=True, is_flag=False, flag_value=True)
+@click.option('--ls', help='Loss scaling; with --fp16 the dynamic scaler\'s start  [default: 65536 with --fp16, else 1]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--compile', help='torch.compile the training network, once per patch size (minutes each on a CPU, which needs a C++ compiler)', metavar='[BOOL]', type=bool, default=False, show_default=True, is_flag=False, flag_value=True)
+@click.option('--channels-last', help='Channels-last memory format for the training network', metavar='[BOOL]', type=bool, default=False, show_default=True, is_flag=False, flag_value=True)
+@click.option('--attn-impl', help='Self-attention: torch\'s fused SDPA or EDM\'s explicit einsum', type=click.Choice(['sdpa', 'explicit']), default='sdpa', show_default=True)
 @click.option('--bench', help='Enable cuDNN benchmarking', type=bool, default=True, show_default=True)
 @click.option('--cache', help='Cache dataset in CPU memory', type=bool, default=True, show_default=True)
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
@@ -194,6 +219,7 @@ def main(ctx: click.Context, **kwargs) -> None:
     opts = resolve_options(ctx, kwargs)
     device = distributed.init(opts.device)
     world_size = distributed.get_world_size()
+    check_speed_options(opts, device)
 
     try:
         dataset = dnnlib.construct_class_by_name(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond)

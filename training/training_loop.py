@@ -21,6 +21,9 @@ from training.patch import PatchSchedule, coordinate_grid
 from training.sampler import generate_images
 
 
+AUTOCAST_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # training precision -> autocast dtype
+
+
 def split_batch(batch_size: int, batch_gpu: Optional[int], world_size: int) -> Tuple[int, int]:
     """(per-round batch per process, accumulation rounds) such that batch == batch_gpu * rounds * world_size."""
     if batch_size % world_size != 0:
@@ -91,24 +94,70 @@ def _memory_gb(device: torch.device) -> Tuple[float, float]:
     return cpu, gpu
 
 
+class _Autocast:
+    """Calls a network under torch.autocast; the augmentation, noise and loss target around it stay float32."""
+    # Autocast around the whole loss would run the augmentation's convolutions in bfloat16, and the rounded clean
+    # image and noise would swamp the loss at small noise levels.
+
+    def __init__(self, net: torch.nn.Module, device_type: str, dtype: torch.dtype):
+        self.net = net
+        self.device_type = device_type
+        self.dtype = dtype
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.net(*args, **kwargs)
+
+
+def _match_param_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give every optimizer state tensor its parameter's memory layout."""
+    # Fused Adam reads parameters and moments as flat memory: moments from a state file written with the other
+    # layout (--channels-last on or off) would silently pair the wrong elements.
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def compile_network(net: torch.nn.Module, compile_kwargs: dict) -> None:
+    """torch.compile `net` in place, before any DDP wrapping, so that its state dict keeps its parameter names."""
+    # DDP then splits the compiled graphs at its gradient buckets, so the all-reduce still overlaps the backward pass.
+    # With dynamic=False each patch size (with its batch multiplier) compiles once: 3 graphs, under the limit.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8)
+    net.compile(**compile_kwargs)
+
+
 def optimizer_step(ddp: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, next_round: Callable,
                    size: int, multiplier: int, num_rounds: int, lr: float, augment_pipe: Optional[Callable] = None,
-                   loss_scaling: float = 1) -> None:
+                   loss_scaling: float = 1, scaler: Optional[torch.amp.GradScaler] = None,
+                   autocast_dtype: Optional[torch.dtype] = None, channels_last: bool = False) -> None:
     """One training step: accumulate gradients over `num_rounds` rounds of `next_round(multiplier)` data, then update."""
+    # With a GradScaler the scaler scales the loss (loss_scaling is unused) and skips steps with inf/NaN gradients;
+    # without one the loss is multiplied by the constant loss_scaling, as in EDM.
     optimizer.zero_grad(set_to_none=True)
+    net = ddp if autocast_dtype is None else _Autocast(ddp, next(ddp.parameters()).device.type, autocast_dtype)
     for round_idx in range(num_rounds):
         with misc.ddp_sync(ddp, sync=(round_idx == num_rounds - 1)):
             images, labels = next_round(multiplier)
-            loss = loss_fn(ddp, images, size, labels=labels, augment_pipe=augment_pipe)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            loss = loss_fn(net, images, size, labels=labels, augment_pipe=augment_pipe)
             training_stats.report('Loss/loss', loss)
             # Sum over pixels, mean over this process's images of the step, as EDM does.
-            loss.sum().mul(loss_scaling / (len(images) * num_rounds)).backward()
+            loss = loss.sum().mul((loss_scaling if scaler is None else 1) / (len(images) * num_rounds))
+            (loss if scaler is None else scaler.scale(loss)).backward()
     for group in optimizer.param_groups:
         group['lr'] = lr
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # it records inf/NaN before nan_to_num hides them, so scaler.step() still skips
     for param in ddp.parameters():
         if param.grad is not None:
             torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
 
 
 def training_loop(
@@ -127,7 +176,10 @@ def training_loop(
     ema_halflife_kimg: float = 500,
     ema_rampup_ratio: Optional[float] = 0.05,
     lr_rampup_kimg: float = 10000,
-    loss_scaling: float = 1,
+    precision: str = 'fp32',                  # 'fp32', 'bf16' (autocast) or 'fp16' (autocast and a GradScaler)
+    loss_scaling: float = 1,                  # the GradScaler's initial scale with fp16, else a constant loss factor
+    compile_kwargs: Optional[dict] = None,    # torch.compile options for the training network; None runs it eagerly
+    channels_last: bool = False,              # train the network (not the EMA) in channels-last memory format
     kimg_per_tick: float = 50,
     snapshot_ticks: Optional[int] = 50,
     state_dump_ticks: Optional[int] = 500,
@@ -141,6 +193,8 @@ def training_loop(
 ) -> None:
     """Train a (patch) diffusion model until `total_kimg` or a stop signal; writes snapshots and state to run_dir."""
     start_time = time.time()
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f'precision must be one of {sorted(AUTOCAST_DTYPES)}, got "{precision}"')
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     batch_gpu, num_rounds = split_batch(batch_size, batch_gpu, world_size)
     rank_seed = (seed * world_size + rank) % (1 << 31)
@@ -176,6 +230,7 @@ def training_loop(
     loss_fn = dnnlib.construct_class_by_name(**loss_kwargs)
     augment_pipe = dnnlib.construct_class_by_name(**augment_kwargs) if augment_kwargs else None
     optimizer = dnnlib.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
+    scaler = torch.amp.GradScaler(device.type, init_scale=loss_scaling) if precision == 'fp16' else None
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     if rank == 0 and state is None:
         misc.print_module_summary(net, _summary_inputs(net, batch_gpu, resolution, device))
@@ -191,6 +246,8 @@ def training_loop(
         net.load_state_dict(state['net'])
         ema.load_state_dict(state['ema'])
         optimizer.load_state_dict(state['optimizer'])
+        if scaler is not None and state.get('scaler'):
+            scaler.load_state_dict(state['scaler'])
         cur_nimg, cur_tick = state['cur_nimg'], state['cur_tick']
         if schedule is not None:
             schedule.load_state_dict(state['schedule'])
@@ -199,6 +256,11 @@ def training_loop(
         else:
             distributed.print0(f'Warning: state was saved by {len(state["rng"])} processes, not {world_size}; '
                                'random streams restart, so the run continues but not bit-exactly.')
+    if channels_last:
+        net.to(memory_format=torch.channels_last)  # the same Parameter objects, so the optimizer keeps them
+    _match_param_layouts(optimizer)
+    if compile_kwargs is not None:
+        compile_network(net, compile_kwargs)
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None) \
         if world_size > 1 else net
     if state is None:
@@ -221,7 +283,8 @@ def training_loop(
         lr = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
         step_start = time.perf_counter()
         optimizer_step(ddp, optimizer, loss_fn, batches.next_round, size, multiplier, num_rounds, lr,
-                       augment_pipe=augment_pipe, loss_scaling=loss_scaling)
+                       augment_pipe=augment_pipe, loss_scaling=loss_scaling, scaler=scaler,
+                       autocast_dtype=AUTOCAST_DTYPES[precision], channels_last=channels_last)
         training_stats.report('Timing/step_sec', time.perf_counter() - step_start)
         consumed += num_rounds * multiplier * batch_gpu
 
@@ -250,6 +313,8 @@ def training_loop(
                   f'sec/tick {tick_end_time - tick_start_time:<7.1f}',
                   f'sec/kimg {(tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3:<7.2f}',
                   f'maintenance {maintenance_time:<6.1f}', f'cpumem {cpu_gb:<6.2f}', f'gpumem {gpu_gb:<6.2f}']
+        if scaler is not None:
+            fields.append(f'lossscale {scaler.get_scale():<8g}')
         distributed.print0(' '.join(fields))
         if stats_jsonl is not None:
             record = dict(collector.as_dict(), timestamp=time.time(),
@@ -275,6 +340,7 @@ def training_loop(
             if rank == 0:
                 snapshot.save_state(os.path.join(run_dir, f'training-state-{stem}.pt'), dict(
                     net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict() if scaler is not None else None,
                     cur_nimg=cur_nimg, cur_tick=cur_tick + 1, consumed=consumed, rng=rng, seed=seed,
                     schedule=schedule.state_dict() if schedule else None))
         distributed.update_progress(cur_nimg // 1000, total_kimg)
