@@ -188,3 +188,18 @@ def test_cache_is_shared_by_loader_workers(source, tmp_path):
     for i, array in enumerate(arrays):
         np.testing.assert_array_equal(ds._cache.get(i), array.transpose(2, 0, 1))
         np.testing.assert_array_equal(loaded[i].numpy(), array.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize('cache', [False, True])
+def test_forked_loader_workers_read_zip_correctly(source, tmp_path, cache):
+    # The parent has the zip open (shape check, a first read); forked workers must not share its file position.
+    import torch
+    src, arrays, _ = source
+    run_tool('--source', str(src), '--dest', str(tmp_path / 'd.zip'))
+    ds = ImageFolderDataset(str(tmp_path / 'd.zip'), cache=cache)
+    ds[0]
+    indices = list(range(len(arrays))) * 8
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices), batch_size=1, num_workers=2,
+                                         multiprocessing_context='fork')
+    for i, (image, _label) in zip(indices, loader):
+        np.testing.assert_array_equal(image[0].numpy(), arrays[i].transpose(2, 0, 1))

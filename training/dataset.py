@@ -66,7 +66,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __init__(self, path: str, resolution: Optional[int] = None, max_size: Optional[int] = None,
                  xflip: bool = False, use_labels: bool = False, cache: bool = False, random_seed: int = 0):
         self.path = path
-        self._zip = None
+        self._zip, self._zip_pid = None, None
         if os.path.isdir(path):
             self._type = 'dir'
             self._all_names = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, '/')
@@ -156,8 +156,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     # --- file access ------------------------------------------------------------------------------------
 
     def _get_zip(self) -> zipfile.ZipFile:
-        if self._zip is None:
-            self._zip = zipfile.ZipFile(self.path)
+        # A forked loader worker inherits the parent's handle, whose file position all processes would then move:
+        # each process opens its own.
+        if self._zip is None or self._zip_pid != os.getpid():
+            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
         return self._zip
 
     def _open_file(self, name: str):
