@@ -3,6 +3,7 @@
 Run from the repository root (the script puts the root on sys.path itself; bench/ is not a package):
   python bench/train_throughput.py --preset=demo --device=cpu
   python bench/train_throughput.py --preset=cifar10-32 --batch-gpu=64 --json=train-cifar10-32.json
+  python bench/train_throughput.py --preset=celeba64 --configs=full,p=1.0,p=0.5 --modes=fp32-ref,fp32,bf16,bf16+compile,fp16
 
 Every config trains its own copy of the preset's network (same initialisation) at the same per-GPU batch, on synthetic
 images in [-1, 1] made once on the device, through training_loop.optimizer_step(), the loop's own step. The configs:
@@ -10,6 +11,12 @@ images in [-1, 1] made once on the device, through training_loop.optimizer_step(
 the stochastic schedule, the patch size of every step drawn from a seeded PatchSchedule) and `progressive` (p=0.5,
 progress swept from 0 to 1 across each block so that every size gets its share). After warm-up steps at every size of
 every config, blocks alternate between the configs (A, B, C, ..., A, B, C, ...) so that drift hits all of them alike.
+
+Every config runs in every `--modes` entry (see MODES): `fp32-ref` is the step of the authors' code (fp32, EDM's explicit
+attention, Adam's per-parameter loop); `fp32` is train.py's default step (SDPA attention, fused Adam); `+cl` adds
+--channels-last, `bf16`/`fp16` add autocast (fp16 with a GradScaler, CUDA only), `+compile` adds --compile.
+Rows are keyed "<config> <mode>"; ratios to `full` are taken in the same mode, and the speedup of each mode over
+`fp32-ref` at the same config, plus kimg/s relative to full-image `fp32-ref` EDM, where those were measured.
 
 Per config: sec/step (mean over all steps, median over blocks), images/sec counted as the loop counts them
 (batch * batch multiplier per step), megapixels/sec actually processed (batch * multiplier * size^2 per step), peak
@@ -39,7 +46,7 @@ from torch_utils.distributed import choose_device
 from train import build_config, preset_options
 from training.networks import check_patch_size
 from training.patch import PatchSchedule
-from training.training_loop import optimizer_step
+from training.training_loop import AUTOCAST_DTYPES, compile_network, optimizer_step
 
 # Config name -> the train.py options that set its patch schedule.
 CONFIGS = {
@@ -48,6 +55,18 @@ CONFIGS = {
     'p=0.5': dict(patch='on', real_p=0.5, progressive=False),
     'p=0.25': dict(patch='on', real_p=0.25, progressive=False),
     'progressive': dict(patch='on', real_p=0.5, progressive=True),
+}
+
+# Mode name -> (train.py option overrides, optimizer overrides). `fp32-ref` is the step the authors' code runs: fp32,
+# EDM's explicit attention, contiguous tensors and Adam's per-parameter loop; the others are what train.py offers.
+MODES = {
+    'fp32-ref': (dict(attn_impl='explicit'), dict(fused=False, foreach=False)),
+    'fp32': ({}, {}),
+    'fp32+cl': (dict(channels_last=True), {}),
+    'bf16': (dict(bf16=True), {}),
+    'bf16+cl': (dict(bf16=True, channels_last=True), {}),
+    'bf16+compile': (dict(bf16=True, compile=True), {}),
+    'fp16': (dict(fp16=True), {}),
 }
 
 
@@ -81,7 +100,8 @@ class SyntheticData:
 class Trainer:
     """One config's network, loss, optimizer and patch schedule, and what its measured blocks did."""
 
-    name: str
+    config: str
+    mode: str
     net: torch.nn.Module
     loss_fn: Callable
     optimizer: torch.optim.Optimizer
@@ -90,6 +110,9 @@ class Trainer:
     resolution: int
     lr: float
     loss_scaling: float
+    scaler: Optional[torch.amp.GradScaler] = None
+    autocast_dtype: Optional[torch.dtype] = None
+    channels_last: bool = False
     block_times: List[float] = field(default_factory=list)
     block_sizes: List[List[int]] = field(default_factory=list)
     block_memory: List[Tuple[float, float]] = field(default_factory=list)
@@ -116,23 +139,32 @@ class Trainer:
         """One optimizer step per patch size."""
         for size in sizes:
             optimizer_step(self.net, self.optimizer, self.loss_fn, data.next_round, size, self.multiplier(size), 1, self.lr,
-                           augment_pipe=self.augment_pipe, loss_scaling=self.loss_scaling)
+                           augment_pipe=self.augment_pipe, loss_scaling=self.loss_scaling, scaler=self.scaler,
+                           autocast_dtype=self.autocast_dtype, channels_last=self.channels_last)
 
 
-def make_trainer(name: str, preset: str, cbase: Optional[int], resolution: int, device: torch.device, seed: int) -> Trainer:
-    """The trainer of a config, built from the preset through train.py's build_config()."""
-    opts = preset_options(preset, **CONFIGS[name], **({} if cbase is None else dict(cbase=cbase)))
+def make_trainer(config: str, mode: str, preset: str, cbase: Optional[int], resolution: int, device: torch.device,
+                 seed: int) -> Trainer:
+    """The trainer of a config in a mode, built from the preset through train.py's build_config()."""
+    options, optimizer_options = MODES[mode]
+    opts = preset_options(preset, **CONFIGS[config], **options, **({} if cbase is None else dict(cbase=cbase)))
     c = build_config(opts, 'synthetic', resolution, world_size=1)
+    c.optimizer_kwargs.update(optimizer_options)
     schedule = PatchSchedule(resolution, seed=seed, **c.patch_kwargs) if c.patch_kwargs else None
     for size in (schedule.sizes if schedule else [resolution]):
         check_patch_size(c.network_kwargs.channel_mult, size)
     net = common.build_network(c.network_kwargs, resolution, common.label_dim(opts), device, seed=seed)
     net.train().requires_grad_(True)
+    if c.channels_last:
+        net.to(memory_format=torch.channels_last)
     optimizer = dnnlib.construct_class_by_name(params=net.parameters(), **c.optimizer_kwargs)
-    return Trainer(name=name, net=net, loss_fn=dnnlib.construct_class_by_name(**c.loss_kwargs),
+    if c.compile_kwargs is not None:
+        compile_network(net, c.compile_kwargs)
+    return Trainer(config=config, mode=mode, net=net, loss_fn=dnnlib.construct_class_by_name(**c.loss_kwargs),
                    optimizer=optimizer, schedule=schedule, resolution=resolution, lr=c.optimizer_kwargs.lr,
                    augment_pipe=dnnlib.construct_class_by_name(**c.augment_kwargs) if c.augment_kwargs else None,
-                   loss_scaling=c.loss_scaling)
+                   loss_scaling=c.loss_scaling, scaler=torch.amp.GradScaler(device.type, init_scale=c.loss_scaling)
+                   if c.precision == 'fp16' else None, autocast_dtype=AUTOCAST_DTYPES[c.precision], channels_last=c.channels_last)
 
 
 def measure(trainers: List[Trainer], data: SyntheticData, warmup: int, blocks: int, steps_per_block: int,
@@ -157,8 +189,10 @@ def summarize(trainer: Trainer, batch: int) -> Dict[str, Any]:
     pixels = sum(batch * trainer.multiplier(size) * size ** 2 for size in sizes)
     pixel_cost, images_per_step = cost_model(trainer.schedule)
     return dict(
+        config=trainer.config,
+        mode=trainer.mode,
         real_p=trainer.schedule.real_p if trainer.schedule else None,
-        mode=trainer.schedule.mode if trainer.schedule else 'full',
+        schedule=trainer.schedule.mode if trainer.schedule else 'full',
         params=common.parameter_count(trainer.net),
         steps=len(sizes),
         size_counts={str(size): sizes.count(size) for size in sorted(set(sizes), reverse=True)},
@@ -166,6 +200,7 @@ def summarize(trainer: Trainer, batch: int) -> Dict[str, Any]:
         sec_per_step_mean=seconds / len(sizes),
         sec_per_step_median=statistics.median(t / len(block) for t, block in zip(trainer.block_times, trainer.block_sizes)),
         images_per_sec=images / seconds,
+        kimg_per_sec=images / seconds / 1e3,
         mpix_per_sec=pixels / seconds / 1e6,
         peak_memory_gb=max(peak for peak, _ in trainer.block_memory),
         peak_increase_gb=max(increase for _, increase in trainer.block_memory),
@@ -178,33 +213,44 @@ def summarize(trainer: Trainer, batch: int) -> Dict[str, Any]:
 
 
 def add_ratios(rows: Dict[str, Dict[str, Any]]) -> None:
-    """Ratios of each config to `full` (None when full was not measured); efficiency against the cost model."""
-    full = rows.get('full')
+    """Ratios to `full` in the same mode and, per config, speedups over `fp32-ref` (None where the baseline is missing)."""
+    full_ref = rows.get('full fp32-ref')
     for row in rows.values():
+        full = rows.get(f'full {row["mode"]}')
+        ref = rows.get(f'{row["config"]} fp32-ref')
         row['sec_per_step_ratio'] = row['sec_per_step_mean'] / full['sec_per_step_mean'] if full else None
         row['images_per_sec_ratio'] = row['images_per_sec'] / full['images_per_sec'] if full else None
         row['mpix_per_sec_ratio'] = row['mpix_per_sec'] / full['mpix_per_sec'] if full else None
         row['efficiency'] = row['images_per_sec_ratio'] / row['ideal_images_per_sec_ratio'] if full else None
+        row['speedup_vs_ref'] = ref['sec_per_step_mean'] / row['sec_per_step_mean'] if ref else None
+        row['kimg_ratio_vs_full_ref'] = row['images_per_sec'] / full_ref['images_per_sec'] if full_ref else None
 
 
 def print_report(result: Dict[str, Any]) -> None:
     """Measurement table and cost-model table."""
-    rows = [dict(row, config=name, mix=' '.join(f'{s}:{n}' for s, n in row['size_counts'].items()))
-            for name, row in result['configs'].items()]
+    rows = [dict(row, mix=' '.join(f'{s}:{n}' for s, n in row['size_counts'].items())) for row in result['rows'].values()]
     print(f'{result["preset"]} at {result["resolution"]}x{result["resolution"]}, batch {result["batch_gpu"]} per GPU, '
           f'{result["blocks"]} blocks x {result["steps_per_block"]} steps per config on {result["environment"]["device_name"]}, '
           f'torch {result["environment"]["torch"]}\n')
     print(common.format_table(rows, [
-        ('config', 'config', ''), ('sizes (size:steps)', 'mix', ''), ('s/step mean', 'sec_per_step_mean', '.4f'),
+        ('config', 'config', ''), ('mode', 'mode', ''), ('sizes (size:steps)', 'mix', ''), ('s/step mean', 'sec_per_step_mean', '.4f'),
         ('s/step median', 'sec_per_step_median', '.4f'), ('img/s', 'images_per_sec', '.1f'), ('Mpix/s', 'mpix_per_sec', '.2f'),
         ('peak GiB', 'peak_memory_gb', '.3f'), ('+GiB in block', 'peak_increase_gb', '.3f')]))
     print(f'memory: {result["memory_kind"]}\n')
     print(common.format_table(rows, [
-        ('config', 'config', ''), ('pixel cost (model)', 'expected_pixel_cost', '.3f'),
+        ('config', 'config', ''), ('mode', 'mode', ''), ('pixel cost (model)', 'expected_pixel_cost', '.3f'),
         ('s/step ratio', 'sec_per_step_ratio', '.3f'), ('img/step (model)', 'expected_images_per_step', '.3f'),
         ('img/s ratio (model)', 'ideal_images_per_sec_ratio', '.3f'), ('img/s ratio', 'images_per_sec_ratio', '.3f'),
         ('Mpix/s ratio', 'mpix_per_sec_ratio', '.3f'), ('efficiency', 'efficiency', '.3f')]))
-    print('ratios are to `full`; model img/s ratio = img/step / pixel cost; efficiency = img/s ratio / model img/s ratio')
+    print('ratios are to `full` in the same mode; model img/s ratio = img/step / pixel cost; '
+          'efficiency = img/s ratio / model img/s ratio')
+    if len({row['mode'] for row in rows}) > 1:
+        print()
+        print(common.format_table(rows, [
+            ('config', 'config', ''), ('mode', 'mode', ''), ('s/step', 'sec_per_step_mean', '.4f'), ('kimg/s', 'kimg_per_sec', '.4f'),
+            ('peak GiB', 'peak_memory_gb', '.3f'), ('speedup vs fp32-ref', 'speedup_vs_ref', '.2f'),
+            ('kimg/s vs full fp32-ref', 'kimg_ratio_vs_full_ref', '.2f')]))
+        print('speedup = fp32-ref s/step / s/step at the same config')
 
 
 @click.command()
@@ -221,20 +267,27 @@ def print_report(result: Dict[str, Any]) -> None:
               default=10, show_default=True)
 @click.option('--configs', 'config_names', help='Comma-separated subset of: ' + ', '.join(CONFIGS), metavar='LIST',
               default=','.join(CONFIGS), show_default=True)
+@click.option('--modes', 'mode_names', help='Comma-separated subset of: ' + ', '.join(MODES) + ' (every config runs in every mode)',
+              metavar='LIST', default='fp32', show_default=True)
 @click.option('--seed', help='Seed of the weights, the data and the patch schedules', metavar='INT', type=int,
               default=0, show_default=True)
 @click.option('--json', 'json_path', help='Also write the results here', metavar='PATH')
 @click.option('--cbase', help='Override the preset channel multiplier (small test runs)', type=click.IntRange(min=1), hidden=True)
 def main(preset: str, device: str, batch_gpu: Optional[int], warmup: int, blocks: int, steps_per_block: int,
-         config_names: str, seed: int, json_path: Optional[str], cbase: Optional[int]) -> None:
+         config_names: str, mode_names: str, seed: int, json_path: Optional[str], cbase: Optional[int]) -> None:
     """Training sec/step, images/sec, megapixels/sec and memory of plain EDM and Patch Diffusion, side by side."""
     names = [name.strip() for name in config_names.split(',') if name.strip()]
     if not names or any(name not in CONFIGS for name in names):
         raise click.BadParameter(f'"{config_names}": choose from {", ".join(CONFIGS)}', param_hint='--configs')
+    modes = [mode.strip() for mode in mode_names.split(',') if mode.strip()]
+    if not modes or any(mode not in MODES for mode in modes):
+        raise click.BadParameter(f'"{mode_names}": choose from {", ".join(MODES)}', param_hint='--modes')
     try:
         torch_device = choose_device(device)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--device')
+    if torch_device.type != 'cuda' and 'fp16' in modes:
+        raise click.BadParameter('fp16 (autocast with a GradScaler) needs CUDA', param_hint='--modes')
     opts = preset_options(preset)
     if torch_device.type == 'cuda':
         torch.backends.cudnn.benchmark = opts.bench
@@ -242,7 +295,7 @@ def main(preset: str, device: str, batch_gpu: Optional[int], warmup: int, blocks
     resolution = common.preset_resolution(preset)
     batch = batch_gpu or opts.batch
     try:
-        trainers = [make_trainer(name, preset, cbase, resolution, torch_device, seed) for name in names]
+        trainers = [make_trainer(name, mode, preset, cbase, resolution, torch_device, seed) for mode in modes for name in names]
     except ValueError as err:
         raise click.ClickException(str(err))
     data = SyntheticData(batch, max(max(t.multiplier(s) for s in t.warmup_sizes()) for t in trainers), resolution,
@@ -250,11 +303,11 @@ def main(preset: str, device: str, batch_gpu: Optional[int], warmup: int, blocks
     memory = common.PeakMemory(torch_device)
     measure(trainers, data, warmup, blocks, steps_per_block, memory)
 
-    rows = {trainer.name: summarize(trainer, batch) for trainer in trainers}
+    rows = {f'{trainer.config} {trainer.mode}': summarize(trainer, batch) for trainer in trainers}
     add_ratios(rows)
     result = dict(benchmark='train_throughput', environment=common.environment(torch_device), preset=preset,
                   resolution=resolution, label_dim=common.label_dim(opts), batch_gpu=batch, warmup=warmup, blocks=blocks,
-                  steps_per_block=steps_per_block, seed=seed, cbase=cbase, memory_kind=memory.kind, configs=rows)
+                  steps_per_block=steps_per_block, seed=seed, cbase=cbase, memory_kind=memory.kind, rows=rows)
     print_report(result)
     if json_path:
         common.write_json(json_path, result)

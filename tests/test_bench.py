@@ -39,36 +39,37 @@ def test_train_throughput_all_configs(tmp_path):
     output = invoke(train_throughput.main, TINY + ['--batch-gpu=4', '--warmup=1', '--blocks=2', '--steps-per-block=1',
                                                    f'--json={path}'])
     result = json.loads(path.read_text())
-    assert list(result['configs']) == ['full', 'p=1.0', 'p=0.5', 'p=0.25', 'progressive']
-    for name in result['configs']:
+    assert list(result['rows']) == ['full fp32', 'p=1.0 fp32', 'p=0.5 fp32', 'p=0.25 fp32', 'progressive fp32']
+    rows = {row['config']: row for row in result['rows'].values()}
+    for name in rows:
         assert name in output
     assert 'efficiency' in output and 's/step median' in output
     assert result['preset'] == 'demo' and result['batch_gpu'] == 4 and result['resolution'] == 32
     assert result['environment']['torch'] == torch.__version__ and result['environment']['device_name']
 
-    for name, row in result['configs'].items():
+    for name, row in rows.items():
         assert row['steps'] == 2 and sum(row['size_counts'].values()) == 2
         assert len(row['block_sec_per_step']) == 2 and all(t > 0 for t in row['block_sec_per_step'])
         assert row['sec_per_step_mean'] > 0 and row['sec_per_step_median'] > 0
         assert row['images_per_sec'] > 0 and row['mpix_per_sec'] > 0 and row['peak_memory_gb'] > 0
         images = sum(4 * {32: 1, 16: 2, 8: 4}[int(s)] * n for s, n in row['size_counts'].items())
         assert row['images_per_sec'] == pytest.approx(images / (row['sec_per_step_mean'] * 2))
-        assert row['images_per_sec_ratio'] == pytest.approx(row['images_per_sec'] / result['configs']['full']['images_per_sec'])
+        assert row['images_per_sec_ratio'] == pytest.approx(row['images_per_sec'] / rows['full']['images_per_sec'])
         assert row['efficiency'] == pytest.approx(row['images_per_sec_ratio'] * row['expected_pixel_cost']
                                                   / row['expected_images_per_step'])
 
-    full = result['configs']['full']
+    full = rows['full']
     assert full['size_counts'] == {'32': 2}
     assert full['sec_per_step_ratio'] == 1 and full['images_per_sec_ratio'] == 1 and full['efficiency'] == 1
     assert (full['expected_pixel_cost'], full['expected_images_per_step']) == (1, 1)
-    assert result['configs']['p=1.0']['size_counts'] == {'32': 2}
+    assert rows['p=1.0']['size_counts'] == {'32': 2}
     for name in ('p=0.5', 'progressive'):
-        row = result['configs'][name]
+        row = rows[name]
         assert (row['expected_pixel_cost'], row['expected_images_per_step']) == expected_costs(32, 0.5)
         assert row['expected_pixel_cost'] == pytest.approx(0.70, abs=1e-12)
         assert row['expected_images_per_step'] == pytest.approx(1.9, abs=1e-12)
         assert row['ideal_images_per_sec_ratio'] == pytest.approx(1.9 / 0.7)
-    p25 = result['configs']['p=0.25']
+    p25 = rows['p=0.25']
     assert (p25['expected_pixel_cost'], p25['expected_images_per_step']) == expected_costs(32, 0.25)
 
 
@@ -76,14 +77,36 @@ def test_train_throughput_subset_without_full(tmp_path):
     path = tmp_path / 'train.json'
     invoke(train_throughput.main, TINY + ['--batch-gpu=2', '--warmup=0', '--blocks=1', '--steps-per-block=1',
                                           '--configs=p=0.25', f'--json={path}'])
-    row = json.loads(path.read_text())['configs']['p=0.25']
+    row = json.loads(path.read_text())['rows']['p=0.25 fp32']
     assert row['images_per_sec'] > 0 and row['sec_per_step_ratio'] is None and row['efficiency'] is None
 
 
 def test_progressive_block_sweeps_all_sizes_in_their_shares():
     schedule = PatchSchedule(32, real_p=0.5, mode='progressive')
-    trainer = train_throughput.Trainer('progressive', None, None, None, None, schedule, 32, 0.0, 1.0)
+    trainer = train_throughput.Trainer('progressive', 'fp32', None, None, None, None, schedule, 32, 0.0, 1.0)
     assert trainer.draw_sizes(10) == [8] * 2 + [16] * 3 + [32] * 5
+
+
+def test_train_throughput_modes_report_speedup_over_reference(tmp_path):
+    path = tmp_path / 'modes.json'
+    output = invoke(train_throughput.main, TINY + ['--batch-gpu=2', '--warmup=1', '--blocks=1', '--steps-per-block=1',
+                                                   '--configs=full,p=0.5', '--modes=fp32-ref,fp32+cl,bf16', f'--json={path}'])
+    rows = json.loads(path.read_text())['rows']
+    assert list(rows) == [f'{c} {m}' for m in ('fp32-ref', 'fp32+cl', 'bf16') for c in ('full', 'p=0.5')]
+    assert 'speedup vs fp32-ref' in output
+    for key, row in rows.items():
+        ref, full, full_ref = rows[f'{row["config"]} fp32-ref'], rows[f'full {row["mode"]}'], rows['full fp32-ref']
+        assert row['speedup_vs_ref'] == pytest.approx(ref['sec_per_step_mean'] / row['sec_per_step_mean'])
+        assert row['images_per_sec_ratio'] == pytest.approx(row['images_per_sec'] / full['images_per_sec'])
+        assert row['kimg_ratio_vs_full_ref'] == pytest.approx(row['images_per_sec'] / full_ref['images_per_sec'])
+    assert rows['full fp32-ref']['speedup_vs_ref'] == 1
+
+
+def test_bad_modes_option():
+    result = CliRunner().invoke(train_throughput.main, TINY + ['--modes=fp32,tf64'])
+    assert result.exit_code != 0 and 'choose from' in result.output
+    result = CliRunner().invoke(train_throughput.main, TINY + ['--modes=fp16'])
+    assert result.exit_code != 0 and 'needs CUDA' in result.output
 
 
 def test_bad_configs_option():
