@@ -79,8 +79,11 @@ def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, worl
     c = dnnlib.EasyDict()
     c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data,
                                        use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
+    # A step at R//4 takes 4 loader batches at once, so each worker keeps two such steps' worth in flight.
+    max_multiplier = 4 if opts.patch == 'on' else 1
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=opts.device != 'cpu', num_workers=opts.workers,
-                                           prefetch_factor=2 if opts.workers > 0 else None, persistent_workers=opts.workers > 0)
+                                           prefetch_factor=2 * max_multiplier if opts.workers > 0 else None,
+                                           persistent_workers=opts.workers > 0)
     precond = dict(edm='EDMPrecond', vp='VPPrecond', ve='VEPrecond')[opts.precond]
     loss = dict(edm='EDMLoss', vp='VPLoss', ve='VELoss')[opts.precond]
     c.network_kwargs = dnnlib.EasyDict(class_name=f'training.networks.{precond}', pos_channels=2 if opts.patch == 'on' else 0)

@@ -462,3 +462,12 @@ def test_dry_run_prints_options_and_writes_nothing(data, tmp_path):
     assert printed['run_dir'] == os.path.join(str(outdir), '00000-shapes-16x16-uncond-ddpmpp-edm-patch0.5-gpus1-batch16-fp32')
     assert printed['resume_state'] is None
     assert os.listdir(tmp_path) == []
+
+
+def test_loader_prefetches_enough_for_the_largest_batch_multiplier():
+    from train import build_config, preset_options
+    patch = build_config(preset_options('demo', workers=2), 'd', 32, world_size=1).data_loader_kwargs
+    full = build_config(preset_options('demo', workers=2, patch='off'), 'd', 32, world_size=1).data_loader_kwargs
+    none = build_config(preset_options('demo', workers=0), 'd', 32, world_size=1).data_loader_kwargs
+    assert (patch.prefetch_factor, full.prefetch_factor, none.prefetch_factor) == (8, 2, None)
+    assert patch.persistent_workers and not none.persistent_workers

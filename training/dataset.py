@@ -45,7 +45,7 @@ class SharedImageCache:
 
     def put(self, idx: int, image: np.ndarray) -> None:
         """Store decoded image `idx`; the flag is set after the pixels so that readers never see a partial image."""
-        self.images[idx] = torch.from_numpy(image)
+        self.images[idx].numpy()[...] = image  # through NumPy: decoded images are read-only arrays
         self.filled[idx] = True
 
 
