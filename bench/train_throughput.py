@@ -46,7 +46,7 @@ from torch_utils.distributed import choose_device
 from train import build_config, preset_options
 from training.networks import check_patch_size
 from training.patch import PatchSchedule
-from training.training_loop import AUTOCAST_DTYPES, compile_network, optimizer_step
+from training.training_loop import AUTOCAST_DTYPES, compile_network, grad_scaler, optimizer_step
 
 # Config name -> the train.py options that set its patch schedule.
 CONFIGS = {
@@ -163,8 +163,8 @@ def make_trainer(config: str, mode: str, preset: str, cbase: Optional[int], reso
     return Trainer(config=config, mode=mode, net=net, loss_fn=dnnlib.construct_class_by_name(**c.loss_kwargs),
                    optimizer=optimizer, schedule=schedule, resolution=resolution, lr=c.optimizer_kwargs.lr,
                    augment_pipe=dnnlib.construct_class_by_name(**c.augment_kwargs) if c.augment_kwargs else None,
-                   loss_scaling=c.loss_scaling, scaler=torch.amp.GradScaler(device.type, init_scale=c.loss_scaling)
-                   if c.precision == 'fp16' else None, autocast_dtype=AUTOCAST_DTYPES[c.precision], channels_last=c.channels_last)
+                   loss_scaling=c.loss_scaling, scaler=grad_scaler(c.precision, device, c.loss_scaling),
+                   autocast_dtype=AUTOCAST_DTYPES[c.precision], channels_last=c.channels_last)
 
 
 def measure(trainers: List[Trainer], data: SyntheticData, warmup: int, blocks: int, steps_per_block: int,

@@ -109,6 +109,11 @@ class _Autocast:
             return self.net(*args, **kwargs)
 
 
+def grad_scaler(precision: str, device: torch.device, loss_scaling: float) -> Optional[torch.amp.GradScaler]:
+    """The dynamic loss scaler of fp16 training, starting at loss_scaling; None for fp32 and bf16."""
+    return torch.amp.GradScaler(device.type, init_scale=loss_scaling) if precision == 'fp16' else None
+
+
 def _match_param_layouts(optimizer: torch.optim.Optimizer) -> None:
     """Give every optimizer state tensor its parameter's memory layout."""
     # Fused Adam reads parameters and moments as flat memory: moments from a state file written with the other
@@ -230,7 +235,7 @@ def training_loop(
     loss_fn = dnnlib.construct_class_by_name(**loss_kwargs)
     augment_pipe = dnnlib.construct_class_by_name(**augment_kwargs) if augment_kwargs else None
     optimizer = dnnlib.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
-    scaler = torch.amp.GradScaler(device.type, init_scale=loss_scaling) if precision == 'fp16' else None
+    scaler = grad_scaler(precision, device, loss_scaling)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     if rank == 0 and state is None:
         misc.print_module_summary(net, _summary_inputs(net, batch_gpu, resolution, device))
