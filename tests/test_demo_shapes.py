@@ -70,7 +70,7 @@ def test_coherence_rejects_wrong_layout():
 def test_dataset_tool_cli_builds_demo_set(tmp_path):
     dest = tmp_path / 'shapes.zip'
     subprocess.run([sys.executable, 'dataset_tool.py', '--source=demo:shapes', f'--dest={dest}', '--resolution=16x16',
-                    '--max-images=50', '--seed=2'], cwd=ROOT, check=True, capture_output=True)
+                    '--max-images=50', '--seed=2'], cwd=ROOT, check=True, capture_output=True, timeout=120)
     ds = ImageFolderDataset(str(dest), use_labels=True)
     assert len(ds) == 50 and ds.resolution == 16 and ds.label_dim <= demo_shapes.NUM_CLASSES
     image, label = demo_shapes.make_image(7, 16, seed=2)

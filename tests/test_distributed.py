@@ -87,14 +87,14 @@ def test_update_progress_writes_file(tmp_path, monkeypatch):
     assert path.read_text() == '5 20\n'
 
 
-def test_stop_handler_turns_signal_into_request():
+def test_stop_on_signals_turns_signal_into_request_and_restores_handlers():
     import signal
     old_int, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    try:
-        distributed.install_stop_handlers()
+    with distributed.stop_on_signals():
+        assert distributed.should_stop() is False
         os.kill(os.getpid(), signal.SIGTERM)
         assert distributed.should_stop() is True
-    finally:
-        distributed._stop_requested.clear()
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
+    # Handlers left behind would swallow SIGTERM after training returns (a worker pool could then never stop it).
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (old_int, old_term)
+    with distributed.stop_on_signals():
+        assert distributed.should_stop() is False  # a new block starts without the old request

@@ -142,7 +142,8 @@ def test_ref_without_features_still_gives_fid(files, tmp_path):
 def test_two_processes_give_the_same_statistics_as_one(files, tmp_path):
     args = ['ref', f'--data={files / "a.zip"}', f'--detector={files / "detector.pt"}', '--batch=16', *FAST]
     result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                             'fid.py', *args, f'--dest={tmp_path / "two.npz"}'], cwd=ROOT, capture_output=True, text=True)
+                             'fid.py', *args, f'--dest={tmp_path / "two.npz"}'], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(files / 'ref-a.npz') as one, np.load(tmp_path / 'two.npz') as two:
         assert np.allclose(one['mu'], two['mu'], rtol=1e-10, atol=0)

@@ -53,9 +53,10 @@ def test_same_seed_same_image_for_any_batch_size_and_format(snapshot, tmp_path):
 def test_two_ranks_give_the_same_images_as_one(snapshot, tmp_path):
     common = ['generate.py', f'--network={snapshot}.pkl', '--seeds=0-4', '--batch=2', '--device=cpu', '--steps=4']
     subprocess.run([sys.executable, *common, f'--outdir={tmp_path / "one"}', f'--grid={tmp_path / "one.png"}'], cwd=ROOT, check=True,
-                   capture_output=True)
+                   capture_output=True, timeout=300)
     result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *common,
-                             f'--outdir={tmp_path / "two"}', f'--grid={tmp_path / "two.png"}'], cwd=ROOT, capture_output=True, text=True)
+                             f'--outdir={tmp_path / "two"}', f'--grid={tmp_path / "two.png"}'], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     one, two = read_dir(tmp_path / 'one'), read_dir(tmp_path / 'two')
     assert list(one) == list(two) and all(np.array_equal(one[k], two[k]) for k in one)

@@ -67,7 +67,8 @@ def test_snapshot_loads_after_source_changes_in_fresh_process(tmp_path):
         print('ok')
     ''')
     env = dict(__import__('os').environ, PYTHONPATH=f'{ROOT}')
-    result = subprocess.run([sys.executable, '-c', script], cwd=str(tmp_path), env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, '-c', script], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == 'ok'
 

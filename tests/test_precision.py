@@ -8,7 +8,6 @@
 """
 
 import copy
-import multiprocessing
 import os
 import subprocess
 from typing import Any, Callable, Dict, List, Optional
@@ -18,7 +17,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import dnnlib
-from multiproc import run_ranks
+from multiproc import run_in_children, run_ranks
 from train import build_config, find_cxx, preset_options
 from training.loss import PatchEDMLoss
 from training.patch import PatchSchedule
@@ -151,12 +150,6 @@ def train_in_process(run_dir: str, data: str, total_kimg: float, resume_state: O
         loss_scaling=2.0 ** 12, channels_last=True, resume_state=resume_state)
 
 
-def in_children(fn: Callable, *arg_tuples: tuple) -> None:
-    """fn(*args) for each args at the same time in spawned processes (the loop's signal handlers stay out of pytest)."""
-    with multiprocessing.get_context('spawn').Pool(len(arg_tuples)) as pool:
-        pool.starmap(fn, arg_tuples)
-
-
 def replay_steps(seed: int, total_nimg: int) -> tuple:
     """(steps, cur_nimg) of a stochastic real_p=0.5 run with batch 8 that trains until total_nimg."""
     schedule = PatchSchedule(RES, real_p=0.5, seed=seed)
@@ -171,7 +164,7 @@ def test_grad_scaler_state_resumes_bit_exactly(data, tmp_path):
     if not fp16_autocast_on_cpu():
         pytest.skip(f'torch {torch.__version__} has no float16 autocast on the CPU, so no GradScaler step runs here')
     short_dir, long_dir = str(tmp_path / 'short'), str(tmp_path / 'long')
-    in_children(train_in_process, (long_dir, data, 0.2), (short_dir, data, 0.1))
+    run_in_children(train_in_process, [(long_dir, data, 0.2), (short_dir, data, 0.1)])
     state_path = os.path.join(short_dir, 'training-state-000000.pt')
     short = torch.load(state_path, map_location='cpu', weights_only=False)
     long = torch.load(os.path.join(long_dir, 'training-state-000000.pt'), map_location='cpu', weights_only=False)
@@ -182,7 +175,7 @@ def test_grad_scaler_state_resumes_bit_exactly(data, tmp_path):
     assert 0 < int(next(iter(short['optimizer']['state'].values()))['step']) < steps
     assert short['net']['model.enc.16x16_conv.weight'].dtype == torch.float32
 
-    in_children(train_in_process, (short_dir, data, 0.2, state_path))
+    run_in_children(train_in_process, [(short_dir, data, 0.2, state_path)])
     resumed = torch.load(state_path, map_location='cpu', weights_only=False)
     assert resumed['cur_nimg'] == long['cur_nimg']
     assert h.assert_states_equal(resumed, long, ['net', 'ema', 'optimizer', 'scaler', 'rng', 'schedule', 'consumed']) > 50

@@ -1,14 +1,15 @@
 """Process-group setup that works under torchrun (NCCL or gloo) and as a plain single process."""
 
+import contextlib
 import os
 import signal
 import threading
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-_stop_requested = threading.Event()  # set by SIGINT/SIGTERM once install_stop_handlers() ran
+_stop_requested = threading.Event()  # set by SIGINT/SIGTERM inside stop_on_signals()
 
 
 def choose_device(device: str = 'auto') -> torch.device:
@@ -57,12 +58,17 @@ def collective_device() -> torch.device:
     return torch.device('cpu')
 
 
-def install_stop_handlers() -> None:
-    """Turn SIGINT and SIGTERM into a stop request that should_stop() reports, instead of killing the process."""
-    def handler(signum, frame):
-        _stop_requested.set()
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Inside the block, SIGINT and SIGTERM request a stop that should_stop() reports; the old handlers return after."""
+    _stop_requested.clear()
+    request_stop = lambda signum, frame: _stop_requested.set()
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def should_stop() -> bool:

@@ -278,83 +278,84 @@ def training_loop(
         return
     collector = training_stats.Collector(regex='.*')
     stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at') if rank == 0 else None
-    distributed.install_stop_handlers()
-    distributed.print0(f'Training for {total_kimg} kimg...\n')
-    tick_start_nimg, tick_start_time = cur_nimg, time.time()
-    maintenance_time = tick_start_time - start_time
-    while True:
-        size = schedule.sample(progress=min(cur_nimg / max(total_nimg, 1), 1)) if schedule else resolution
-        multiplier = schedule.batch_multiplier(size) if schedule else 1
-        lr = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-        step_start = time.perf_counter()
-        optimizer_step(ddp, optimizer, loss_fn, batches.next_round, size, multiplier, num_rounds, lr,
-                       augment_pipe=augment_pipe, loss_scaling=loss_scaling, scaler=scaler,
-                       autocast_dtype=AUTOCAST_DTYPES[precision], channels_last=channels_last)
-        training_stats.report('Timing/step_sec', time.perf_counter() - step_start)
-        consumed += num_rounds * multiplier * batch_gpu
-
-        step_nimg = batch_size * multiplier
-        ema_nimg = ema_halflife_kimg * 1000
-        if ema_rampup_ratio is not None:
-            ema_nimg = min(ema_nimg, cur_nimg * ema_rampup_ratio)
-        ema_beta = 0.5 ** (step_nimg / max(ema_nimg, 1e-8))
-        with torch.no_grad():
-            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
-        cur_nimg += step_nimg
-        training_stats.report('Patch/size', float(size))
-
-        done = cur_nimg >= total_nimg
-        stop = distributed.should_stop()
-        if not done and not stop and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
-            continue
-
-        # Tick: log, then snapshots and state as scheduled.
-        tick_end_time = time.time()
-        cpu_gb, gpu_gb = _memory_gb(device)
-        collector.update()
-        fields = [f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1e3:<9.1f}', f'loss {collector["Loss/loss"]:<8.4f}',
-                  f'time {_format_time(tick_end_time - start_time):<12s}',
-                  f'sec/tick {tick_end_time - tick_start_time:<7.1f}',
-                  f'sec/kimg {(tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3:<7.2f}',
-                  f'maintenance {maintenance_time:<6.1f}', f'cpumem {cpu_gb:<6.2f}', f'gpumem {gpu_gb:<6.2f}']
-        if scaler is not None:
-            fields.append(f'lossscale {scaler.get_scale():<8g}')
-        distributed.print0(' '.join(fields))
-        if stats_jsonl is not None:
-            record = dict(collector.as_dict(), timestamp=time.time(),
-                          progress=dict(tick=cur_tick, kimg=cur_nimg / 1e3, sec_per_tick=tick_end_time - tick_start_time,
-                                        maintenance=maintenance_time, cpumem_gb=cpu_gb, gpumem_gb=gpu_gb))
-            stats_jsonl.write(json.dumps(record) + '\n')
-            stats_jsonl.flush()
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats(device)
-
-        stem = f'{cur_nimg // 1000:06d}'
-        if snapshot_ticks is not None and (done or stop or cur_tick % snapshot_ticks == 0):
-            misc.check_ddp_consistency(ema)
-            if rank == 0:
-                snapshot.save_network_snapshot(os.path.join(run_dir, f'network-snapshot-{stem}'),
-                                               dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe,
-                                                    dataset_kwargs=dict(dataset_kwargs), training_options=training_options))
-                if preview is not None:
-                    grid = generate_images(ema, seeds=range(preview['num_images']), device=device, num_steps=preview['num_steps'])
-                    save_image_grid(grid, os.path.join(run_dir, f'preview-{stem}.png'))
-        if state_dump_ticks is not None and (done or stop or cur_tick % state_dump_ticks == 0):
-            rng = _gather_objects(_rng_state(device))
-            if rank == 0:
-                snapshot.save_state(os.path.join(run_dir, f'training-state-{stem}.pt'), dict(
-                    net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                    scaler=scaler.state_dict() if scaler is not None else None,
-                    cur_nimg=cur_nimg, cur_tick=cur_tick + 1, consumed=consumed, rng=rng, seed=seed,
-                    schedule=schedule.state_dict() if schedule else None))
-        distributed.update_progress(cur_nimg // 1000, total_kimg)
-        if done or stop:
-            break
-        cur_tick += 1
+    with distributed.stop_on_signals():
+        distributed.print0(f'Training for {total_kimg} kimg...\n')
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
-        maintenance_time = tick_start_time - tick_end_time
+        maintenance_time = tick_start_time - start_time
+        while True:
+            size = schedule.sample(progress=min(cur_nimg / max(total_nimg, 1), 1)) if schedule else resolution
+            multiplier = schedule.batch_multiplier(size) if schedule else 1
+            lr = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+            step_start = time.perf_counter()
+            optimizer_step(ddp, optimizer, loss_fn, batches.next_round, size, multiplier, num_rounds, lr,
+                           augment_pipe=augment_pipe, loss_scaling=loss_scaling, scaler=scaler,
+                           autocast_dtype=AUTOCAST_DTYPES[precision], channels_last=channels_last)
+            training_stats.report('Timing/step_sec', time.perf_counter() - step_start)
+            consumed += num_rounds * multiplier * batch_gpu
 
-    if stats_jsonl is not None:
-        stats_jsonl.close()
+            step_nimg = batch_size * multiplier
+            ema_nimg = ema_halflife_kimg * 1000
+            if ema_rampup_ratio is not None:
+                ema_nimg = min(ema_nimg, cur_nimg * ema_rampup_ratio)
+            ema_beta = 0.5 ** (step_nimg / max(ema_nimg, 1e-8))
+            with torch.no_grad():
+                for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+                    p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+            cur_nimg += step_nimg
+            training_stats.report('Patch/size', float(size))
+
+            done = cur_nimg >= total_nimg
+            stop = distributed.should_stop()
+            if not done and not stop and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+                continue
+
+            # Tick: log, then snapshots and state as scheduled.
+            tick_end_time = time.time()
+            cpu_gb, gpu_gb = _memory_gb(device)
+            collector.update()
+            fields = [f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1e3:<9.1f}', f'loss {collector["Loss/loss"]:<8.4f}',
+                      f'time {_format_time(tick_end_time - start_time):<12s}',
+                      f'sec/tick {tick_end_time - tick_start_time:<7.1f}',
+                      f'sec/kimg {(tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3:<7.2f}',
+                      f'maintenance {maintenance_time:<6.1f}', f'cpumem {cpu_gb:<6.2f}', f'gpumem {gpu_gb:<6.2f}']
+            if scaler is not None:
+                fields.append(f'lossscale {scaler.get_scale():<8g}')
+            distributed.print0(' '.join(fields))
+            if stats_jsonl is not None:
+                record = dict(collector.as_dict(), timestamp=time.time(),
+                              progress=dict(tick=cur_tick, kimg=cur_nimg / 1e3, sec_per_tick=tick_end_time - tick_start_time,
+                                            maintenance=maintenance_time, cpumem_gb=cpu_gb, gpumem_gb=gpu_gb))
+                stats_jsonl.write(json.dumps(record) + '\n')
+                stats_jsonl.flush()
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(device)
+
+            stem = f'{cur_nimg // 1000:06d}'
+            if snapshot_ticks is not None and (done or stop or cur_tick % snapshot_ticks == 0):
+                misc.check_ddp_consistency(ema)
+                if rank == 0:
+                    snapshot.save_network_snapshot(os.path.join(run_dir, f'network-snapshot-{stem}'),
+                                                   dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe,
+                                                        dataset_kwargs=dict(dataset_kwargs), training_options=training_options))
+                    if preview is not None:
+                        grid = generate_images(ema, seeds=range(preview['num_images']), device=device,
+                                               num_steps=preview['num_steps'])
+                        save_image_grid(grid, os.path.join(run_dir, f'preview-{stem}.png'))
+            if state_dump_ticks is not None and (done or stop or cur_tick % state_dump_ticks == 0):
+                rng = _gather_objects(_rng_state(device))
+                if rank == 0:
+                    snapshot.save_state(os.path.join(run_dir, f'training-state-{stem}.pt'), dict(
+                        net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                        scaler=scaler.state_dict() if scaler is not None else None,
+                        cur_nimg=cur_nimg, cur_tick=cur_tick + 1, consumed=consumed, rng=rng, seed=seed,
+                        schedule=schedule.state_dict() if schedule else None))
+            distributed.update_progress(cur_nimg // 1000, total_kimg)
+            if done or stop:
+                break
+            cur_tick += 1
+            tick_start_nimg, tick_start_time = cur_nimg, time.time()
+            maintenance_time = tick_start_time - tick_end_time
+
+        if stats_jsonl is not None:
+            stats_jsonl.close()
     distributed.print0('\nStopped on a signal; state saved.' if stop and not done else '\nExiting...')
