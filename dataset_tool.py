@@ -6,6 +6,7 @@ Examples:
 """
 
 import io
+import itertools
 import json
 import os
 import re
@@ -17,9 +18,11 @@ from typing import Callable, Iterator, Optional, Tuple
 import click
 import numpy as np
 import PIL.Image
+import torch
 from tqdm import tqdm
 
-from training import demo_shapes
+from torch_utils import distributed
+from training import demo_shapes, latents
 from training.dataset import GRAYSCALE_MODES, IMAGE_EXTENSIONS
 
 Item = Tuple[str, Callable[[], PIL.Image.Image], Optional[object]]  # (name, loader, label)
@@ -157,9 +160,27 @@ class DatasetWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def convert(source: str, dest: str, resolution: Optional[Tuple[int, int]], transform: Optional[str],
-            max_images: Optional[int], seed: int = 0) -> int:
-    """Convert `source` into an EDM-format data set at `dest`; returns the number of images written."""
+def _checked_arrays(items: Iterator[Item], num: int, resolution: Optional[Tuple[int, int]],
+                    transform: Optional[str]) -> Iterator[Tuple[str, np.ndarray, Optional[object]]]:
+    """(archive name, uint8 array, label) per item after the transform, with a progress bar; all one square size."""
+    shape = None
+    for index, (name, load, label) in enumerate(tqdm(items, total=num, desc='dataset_tool', unit='img')):
+        array = transform_image(load(), resolution, transform)
+        if shape is None:
+            shape = array.shape
+            if shape[0] != shape[1] or shape[0] & (shape[0] - 1):
+                raise click.ClickException(f'{name}: output would be {shape[1]}x{shape[0]}; the result must be square with a '
+                                           'power-of-two side: pass e.g. --resolution=64x64 --transform=center-crop')
+        elif array.shape != shape:
+            raise click.ClickException(f'{name}: image is {array.shape[1]}x{array.shape[0]} but the first was '
+                                       f'{shape[1]}x{shape[0]}; pass --resolution to resize all images to one size')
+        yield f'{index // 1000:05d}/img{index:08d}', array, label
+
+
+def _write_dataset(source: str, dest: str, resolution: Optional[Tuple[int, int]], transform: Optional[str],
+                   max_images: Optional[int], seed: int, write_items: Callable, meta: Optional[dict] = None) -> int:
+    """Shared body of convert() and encode_latents(): write_items(writer, arrays) writes the files and returns
+    [archive name, label] per item; dataset.json gets the labels (if every item has one) and `meta`."""
     if transform is not None and resolution is None:
         raise click.BadParameter(f'--transform={transform} needs --resolution', param_hint='--transform')
     if resolution is not None and resolution[0] != resolution[1] and transform != 'center-crop-wide':
@@ -167,29 +188,57 @@ def convert(source: str, dest: str, resolution: Optional[Tuple[int, int]], trans
     num, items = list_source(source, max_images, seed, resolution)
     writer = DatasetWriter(dest)
     try:
-        labels, shape = [], None
-        for index, (name, load, label) in enumerate(tqdm(items, total=num, desc='dataset_tool', unit='img')):
-            array = transform_image(load(), resolution, transform)
-            if shape is None:
-                shape = array.shape
-                if shape[0] != shape[1] or shape[0] & (shape[0] - 1):
-                    raise click.ClickException(f'{name}: output would be {shape[1]}x{shape[0]}; the result must be square with a '
-                                               'power-of-two side: pass e.g. --resolution=64x64 --transform=center-crop')
-            elif array.shape != shape:
-                raise click.ClickException(f'{name}: image is {array.shape[1]}x{array.shape[0]} but the first was '
-                                           f'{shape[1]}x{shape[0]}; pass --resolution to resize all images to one size')
-            archive_name = f'{index // 1000:05d}/img{index:08d}.png'
-            buffer = io.BytesIO()
-            PIL.Image.fromarray(array).save(buffer, format='png', compress_level=0, optimize=False)
-            writer.write(archive_name, buffer.getvalue())
-            labels.append([archive_name, label] if label is not None else None)
-        has_labels = all(entry is not None for entry in labels)
-        writer.write('dataset.json', json.dumps({'labels': labels if has_labels else None}).encode('utf-8'))
+        labels = write_items(writer, _checked_arrays(items, num, resolution, transform))
+        has_labels = all(label is not None for _name, label in labels)
+        writer.write('dataset.json', json.dumps(dict(labels=labels if has_labels else None, **(meta or {}))).encode('utf-8'))
     except BaseException:
         writer.abort()
         raise
     writer.commit()
     return num
+
+
+def convert(source: str, dest: str, resolution: Optional[Tuple[int, int]], transform: Optional[str],
+            max_images: Optional[int], seed: int = 0) -> int:
+    """Convert `source` into an EDM-format data set of PNGs at `dest`; returns the number of images written."""
+    def write_pngs(writer: DatasetWriter, arrays: Iterator) -> list:
+        labels = []
+        for name, array, label in arrays:
+            buffer = io.BytesIO()
+            PIL.Image.fromarray(array).save(buffer, format='png', compress_level=0, optimize=False)
+            writer.write(f'{name}.png', buffer.getvalue())
+            labels.append([f'{name}.png', label])
+        return labels
+    return _write_dataset(source, dest, resolution, transform, max_images, seed, write_pngs)
+
+
+def encode_latents(source: str, dest: str, resolution: Optional[Tuple[int, int]], transform: Optional[str],
+                   max_images: Optional[int], vae: str, xflip: bool, batch_size: int, device: str, seed: int = 0) -> int:
+    """Encode every image of `source` once with the VAE into a LatentFolderDataset at `dest` (moments, and of mirrors)."""
+    try:
+        codec = latents.LatentCodec(vae, latents.SD_SCALE, distributed.choose_device(device))
+    except (latents.LatentError, ValueError) as err:
+        raise click.BadParameter(str(err), param_hint='--vae' if isinstance(err, latents.LatentError) else '--device')
+
+    def write_moments(writer: DatasetWriter, arrays: Iterator) -> list:
+        labels, batch = [], []
+        for item in itertools.chain(arrays, [None]):
+            if item is not None:
+                batch.append(item)
+            if batch and (item is None or len(batch) == batch_size):
+                images = torch.from_numpy(np.stack([np.broadcast_to(np.atleast_3d(a), a.shape[:2] + (3,))
+                                                    for _name, a, _label in batch])).permute(0, 3, 1, 2)
+                views = [images, images.flip(3)] if xflip else [images]
+                moments = torch.stack([codec.encode_moments(v).cpu() for v in views], dim=1)  # [N, F, 2C, h, w]
+                for (name, _array, label), item_moments in zip(batch, moments.numpy()):
+                    buffer = io.BytesIO()
+                    np.save(buffer, item_moments)
+                    writer.write(f'{name}.npy', buffer.getvalue())
+                    labels.append([f'{name}.npy', label])
+                batch = []
+        return labels
+    meta = dict(latents=dict(vae=vae, scale=latents.SD_SCALE, channels=codec.channels, factor=codec.factor, flips=xflip))
+    return _write_dataset(source, dest, resolution, transform, max_images, seed, write_moments, meta)
 
 
 @click.command()
@@ -199,10 +248,21 @@ def convert(source: str, dest: str, resolution: Optional[Tuple[int, int]], trans
 @click.option('--transform', type=click.Choice(['center-crop', 'center-crop-wide']), help='Crop before resizing')
 @click.option('--max-images', type=click.IntRange(min=1), help='Keep at most this many images (demo: how many to draw, default 5000)')
 @click.option('--seed', type=int, default=0, show_default=True, help='Seed of the demo set')
-def main(source: str, dest: str, resolution: Optional[str], transform: Optional[str], max_images: Optional[int], seed: int) -> None:
-    """Convert images into a data set that train.py, fid.py and ImageFolderDataset read."""
-    num = convert(source, dest, parse_resolution(resolution), transform, max_images, seed)
-    click.echo(f'Wrote {num} images to {dest}')
+@click.option('--encode-latents', 'encode', is_flag=True, help='Write VAE latents (posterior mean and std) instead of PNGs, for train.py --latents')
+@click.option('--vae', default=latents.SD_VAE, show_default=True, metavar='DIR|HUB_ID', help='AutoencoderKL for --encode-latents')
+@click.option('--xflip', type=bool, default=False, show_default=True, help='With --encode-latents: also encode mirrored images')
+@click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=32, show_default=True, help='Images per VAE call')
+@click.option('--device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True, help='Where the VAE runs')
+def main(source: str, dest: str, resolution: Optional[str], transform: Optional[str], max_images: Optional[int], seed: int,
+         encode: bool, vae: str, xflip: bool, batch_size: int, device: str) -> None:
+    """Convert images into a data set that train.py, fid.py and ImageFolderDataset read, or encode them into VAE latents."""
+    if encode:
+        num = encode_latents(source, dest, parse_resolution(resolution), transform, max_images, vae, xflip, batch_size,
+                             device, seed)
+        click.echo(f'Wrote the latents of {num} images to {dest}')
+    else:
+        num = convert(source, dest, parse_resolution(resolution), transform, max_images, seed)
+        click.echo(f'Wrote {num} images to {dest}')
 
 
 if __name__ == '__main__':

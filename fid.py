@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import dnnlib
-from generate import parse_int_list
+from generate import open_decoder, parse_int_list, resolve_sampling, sampling_options
 from torch_utils import distributed
 from training import demo_shapes
 from training.dataset import DatasetError, ImageFolderDataset
@@ -277,19 +277,18 @@ def ref(data_path: str, dest_path: str, detector_path: str, batch_size: int, wor
 @click.option('--seed', help='Seed of the random subset of --images', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--seeds', help='Seeds for --network  [default: 0 to num-1]', metavar='LIST')
 @click.option('--class', 'class_idx', help='Class label for --network  [default: random]', metavar='INT', type=click.IntRange(min=0))
-@click.option('--steps', 'num_steps', help='Sampling steps for --network', metavar='INT', type=click.IntRange(min=1), default=50,
-              show_default=True)
-@click.option('--solver', help='ODE solver for --network', type=click.Choice(['heun', 'euler']), default='heun', show_default=True)
-@click.option('--cfg', help='Classifier-free guidance scale for --network', metavar='FLOAT', type=float, default=1.0, show_default=True)
+@sampling_options
 @click.option('--json', 'json_path', help='Append the result as one JSON line', metavar='PATH')
 @detector_option
 @batch_option
 @workers_option
 @device_option
-def calc(image_path: Optional[str], network_path: Optional[str], ref_path: str, num: int, seed: int, seeds: Optional[str],
-         class_idx: Optional[int], json_path: Optional[str], detector_path: str, batch_size: int, workers: int, device: str,
-         **sampler_kwargs) -> None:
+@click.pass_context
+def calc(ctx: click.Context, image_path: Optional[str], network_path: Optional[str], ref_path: str, num: int, seed: int,
+         seeds: Optional[str], class_idx: Optional[int], json_path: Optional[str], detector_path: str, batch_size: int,
+         workers: int, device: str, sampler: str, preset: Optional[str], vae: Optional[str], **sampler_kwargs) -> None:
     """Score --images or --num samples of --network against --ref: prints FID and KID."""
+    sampler_kwargs = resolve_sampling(ctx, sampler_kwargs, sampler, preset)
     if (image_path is None) == (network_path is None):
         raise click.UsageError('give exactly one of --images and --network')
     seed_list = parse_int_list(seeds) if seeds is not None else list(range(num))
@@ -302,7 +301,8 @@ def calc(image_path: Optional[str], network_path: Optional[str], ref_path: str, 
         batches = dataset_batches(open_dataset(image_path, num, seed, '--images'), batch_size, workers)
     else:
         net = _open_network(network_path, torch_device, class_idx, sampler_kwargs['cfg'])
-        batches = network_batches(net, seed_list[:num], batch_size, torch_device, class_idx=class_idx, **sampler_kwargs)
+        batches = network_batches(net, seed_list[:num], batch_size, torch_device, class_idx=class_idx,
+                                  decoder=open_decoder(net, torch_device, vae), **sampler_kwargs)
     source = image_path or network_path
     distributed.print0(f'Computing features of {num} images from {source}...')
     stats = compute_feature_stats(batches, detector, torch_device, keep_features='features' in ref_stats)

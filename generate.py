@@ -9,7 +9,7 @@ Examples:
 
 import os
 import re
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import click
 import numpy as np
@@ -19,8 +19,10 @@ from tqdm import tqdm
 
 from torch_utils import distributed
 from training.images import load_image, save_image_grid, save_png, to_pil
+from training.latents import LatentError, latent_decoder
 from training.patch import outpaint_grid
-from training.sampler import generate_images
+from training.presets import apply_defaults, sampling_preset
+from training.sampler import SAMPLERS, generate_images
 from training.snapshot import SnapshotError, load_network
 
 
@@ -44,6 +46,23 @@ def parse_size(value: str) -> Tuple[int, int]:
     if not match:
         raise click.BadParameter(f'"{value}" is not of the form WxH', param_hint='--outpaint')
     return int(match.group(1)), int(match.group(2))
+
+
+def resolve_sampling(ctx: click.Context, sampler_kwargs: dict, sampler: str, preset: Optional[str]) -> dict:
+    """edm_sampler settings: flags given on the command line > the preset's "sampling" > the --sampler set > defaults."""
+    resolved = dict(sampler_kwargs)
+    apply_defaults(ctx, resolved, SAMPLERS[sampler], f'--sampler={sampler}')
+    if preset is not None:
+        apply_defaults(ctx, resolved, sampling_preset(preset), f'configs/{preset}.json "sampling"')
+    return resolved
+
+
+def open_decoder(net: torch.nn.Module, device: torch.device, vae: Optional[str]) -> Optional[Callable]:
+    """The VAE decoder of a latent-space network (click error if it cannot be loaded); None for a pixel network."""
+    try:
+        return latent_decoder(net, device, vae)
+    except LatentError as err:
+        raise click.BadParameter(str(err), param_hint='--vae')
 
 
 def painting_inputs(net: torch.nn.Module, inpaint: Optional[str], mask: Optional[str], outpaint: Optional[str],
@@ -83,6 +102,30 @@ def painting_inputs(net: torch.nn.Module, inpaint: Optional[str], mask: Optional
     return dict(inpaint=(canvas.to(device), fill.to(device)), x_pos=outpaint_grid(res, height, width, top, left, device=device))
 
 
+SAMPLING_OPTIONS = [  # the sampler flags of generate.py, shared with fid.py calc --network
+    click.option('--steps', 'num_steps', help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=50, show_default=True),
+    click.option('--sigma_min', help='Lowest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True),
+    click.option('--sigma_max', help='Highest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80, show_default=True),
+    click.option('--rho', help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True),
+    click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
+    click.option('--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
+    click.option('--S_max', 'S_max', help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=float('inf'), show_default=True),
+    click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True),
+    click.option('--solver', help='ODE solver', type=click.Choice(['heun', 'euler']), default='heun', show_default=True),
+    click.option('--cfg', help='Classifier-free guidance scale (conditional nets)', metavar='FLOAT', type=float, default=1.0, show_default=True),
+    click.option('--sampler', help='Named settings: edm (the flags\' defaults) or adm (256 steps, S_churn 40, S_min 0.05, S_max 50, S_noise 1.003)', type=click.Choice(sorted(SAMPLERS)), default='edm', show_default=True),
+    click.option('--preset', help='Sampling defaults of configs/NAME.json, e.g. imagenet256-latent (cfg 1.3)', metavar='NAME'),
+    click.option('--vae', help='Where to load a latent network\'s VAE from  [default: the one it was trained with]', metavar='DIR|HUB_ID'),
+]
+
+
+def sampling_options(command: Callable) -> Callable:
+    """Add the SAMPLING_OPTIONS flags to a click command."""
+    for option in reversed(SAMPLING_OPTIONS):
+        command = option(command)
+    return command
+
+
 @click.command()
 @click.option('--network', 'network_path', help='Network snapshot: .pkl, weights-only .pt, URL, or a run directory (newest .pkl)', metavar='PKL|PT|URL|DIR', required=True)
 @click.option('--outdir', help='Where to save one PNG per seed', metavar='DIR')
@@ -91,24 +134,18 @@ def painting_inputs(net: torch.nn.Module, inpaint: Optional[str], mask: Optional
 @click.option('--subdirs', help='Create a subdirectory for every 1000 seeds', is_flag=True)
 @click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0))
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--steps', 'num_steps', help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=50, show_default=True)
-@click.option('--sigma_min', help='Lowest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
-@click.option('--sigma_max', help='Highest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
-@click.option('--rho', help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
-@click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_max', 'S_max', help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=float('inf'), show_default=True)
-@click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True)
-@click.option('--solver', help='ODE solver', type=click.Choice(['heun', 'euler']), default='heun', show_default=True)
-@click.option('--cfg', help='Classifier-free guidance scale (conditional nets)', metavar='FLOAT', type=float, default=1.0, show_default=True)
+@sampling_options
 @click.option('--inpaint', help='Known image for in- or outpainting', metavar='PNG')
 @click.option('--mask', help='Inpainting mask: white = generate, black = keep', metavar='PNG')
 @click.option('--outpaint', help='Extend the --inpaint image onto a centred canvas of this size', metavar='WxH')
 @click.option('--device', help='Where to sample', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
-def main(network_path: str, outdir: Optional[str], grid: Optional[str], seeds: str, subdirs: bool, class_idx: Optional[int],
-         max_batch_size: int, device: str, inpaint: Optional[str], mask: Optional[str], outpaint: Optional[str], **sampler_kwargs) -> None:
+@click.pass_context
+def main(ctx: click.Context, network_path: str, outdir: Optional[str], grid: Optional[str], seeds: str, subdirs: bool,
+         class_idx: Optional[int], max_batch_size: int, device: str, inpaint: Optional[str], mask: Optional[str],
+         outpaint: Optional[str], sampler: str, preset: Optional[str], vae: Optional[str], **sampler_kwargs) -> None:
     """Generate images with the EDM sampler; image k depends only on seed k."""
     seed_list = parse_int_list(seeds)
+    sampler_kwargs = resolve_sampling(ctx, sampler_kwargs, sampler, preset)
     if outdir is None and grid is None:
         raise click.UsageError('give --outdir, --grid, or both')
     torch_device = distributed.init(device)
@@ -121,7 +158,10 @@ def main(network_path: str, outdir: Optional[str], grid: Optional[str], seeds: s
         raise click.BadParameter(f'{class_idx}: the network has {net.label_dim} classes', param_hint='--class')
     if sampler_kwargs['cfg'] != 1 and not net.label_dim:
         raise click.BadParameter('guidance needs a class-conditional network', param_hint='--cfg')
+    if getattr(net, 'latent', None) and inpaint is not None:
+        raise click.BadParameter('in- and outpainting work on pixels; this network generates VAE latents', param_hint='--inpaint')
     sampler_kwargs.update(painting_inputs(net, inpaint, mask, outpaint, torch_device))
+    decoder = open_decoder(net, torch_device, vae)
 
     num_batches = max((len(seed_list) - 1) // (max_batch_size * world_size) + 1, 1) * world_size
     rank_batches = np.array_split(np.array(seed_list), num_batches)[rank::world_size]
@@ -130,7 +170,8 @@ def main(network_path: str, outdir: Optional[str], grid: Optional[str], seeds: s
     for batch_seeds in tqdm(rank_batches, unit='batch', disable=rank != 0):
         if len(batch_seeds) == 0:
             continue
-        images = generate_images(net, batch_seeds.tolist(), torch_device, class_idx=class_idx, **sampler_kwargs).cpu()
+        images = generate_images(net, batch_seeds.tolist(), torch_device, class_idx=class_idx, decoder=decoder,
+                                 **sampler_kwargs).cpu()
         if outdir is not None:
             for seed, image in zip(batch_seeds, images):
                 folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir

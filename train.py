@@ -9,7 +9,7 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import click
 import torch
@@ -17,29 +17,13 @@ import torch.distributed as dist
 
 import dnnlib
 from torch_utils import distributed
-from training.dataset import DatasetError
+from training.dataset import DatasetError, ImageFolderDataset
+from training.latents import SD_SCALE, SD_VAE, LatentCodec, LatentError
 from training.networks import check_patch_size
+from training.patch import PatchSchedule
+from training.presets import apply_defaults, training_preset
 from training.snapshot import SnapshotError, load_state, newest_state
 from training.training_loop import split_batch, training_loop
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
-
-
-def list_presets() -> list:
-    """Names of the presets in configs/."""
-    return sorted(os.path.splitext(f)[0] for f in os.listdir(CONFIG_DIR) if f.endswith('.json'))
-
-
-def load_preset(name: str) -> Dict[str, Any]:
-    """Options of configs/NAME.json, without its notes."""
-    path = os.path.join(CONFIG_DIR, f'{name}.json')
-    if not os.path.isfile(path):
-        raise click.BadParameter(f'unknown preset "{name}"; available: {", ".join(list_presets())}', param_hint='--preset')
-    with open(path) as f:
-        options = json.load(f)
-    options.pop('notes', None)
-    return options
-
 
 def parse_int_list(value: Optional[str]) -> Optional[list]:
     """'1,2,2' -> [1, 2, 2]."""
@@ -54,11 +38,7 @@ def resolve_options(ctx: click.Context, opts: Dict[str, Any]) -> dnnlib.EasyDict
     """Command-line flags override the preset, which overrides the defaults."""
     opts = dnnlib.EasyDict(opts)
     if opts.preset:
-        for key, value in load_preset(opts.preset).items():
-            if key not in opts:
-                raise click.ClickException(f'configs/{opts.preset}.json: unknown option "{key}"')
-            if ctx.get_parameter_source(key) != click.core.ParameterSource.COMMANDLINE:
-                opts[key] = value
+        apply_defaults(ctx, opts, training_preset(opts.preset), f'configs/{opts.preset}.json')
     return opts
 
 
@@ -66,7 +46,7 @@ def preset_options(name: Optional[str] = None, **overrides) -> dnnlib.EasyDict:
     """CLI option values for a preset (or the defaults) with overrides, as train.py would resolve them."""
     opts = dnnlib.EasyDict(main.make_context('train.py', [], resilient_parsing=True).params)
     if name is not None:
-        opts.update(load_preset(name), preset=name)
+        opts.update(training_preset(name), preset=name)
     unknown = set(overrides) - set(opts)
     if unknown:
         raise ValueError(f'unknown train.py options: {sorted(unknown)}')
@@ -77,8 +57,13 @@ def preset_options(name: Optional[str] = None, **overrides) -> dnnlib.EasyDict:
 def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, world_size: int) -> dnnlib.EasyDict:
     """Turn resolved CLI options into the keyword arguments of training_loop()."""
     c = dnnlib.EasyDict()
-    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data,
+    c.dataset_kwargs = dnnlib.EasyDict(class_name=dataset_class(opts), path=opts.data,
                                        use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
+    c.latent_kwargs = None
+    if opts.latents or opts.latents_on_the_fly:
+        c.latent_kwargs = dnnlib.EasyDict(on_the_fly=opts.latents_on_the_fly, vae=opts.vae)
+        if opts.latents_on_the_fly:
+            c.latent_kwargs.update(vae=opts.vae or SD_VAE, scale=SD_SCALE)
     # A step at R//4 takes 4 loader batches at once, so each worker keeps two such steps' worth in flight.
     max_multiplier = 4 if opts.patch == 'on' else 1
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=opts.device != 'cpu', num_workers=opts.workers,
@@ -127,9 +112,36 @@ def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, worl
     c.preview = dnnlib.EasyDict(num_images=64, num_steps=opts.preview_steps) if opts.preview else None
 
     patch = f'patch{opts.real_p:g}{"prog" if opts.progressive else ""}' if opts.patch == 'on' else 'full'
+    patch += '-latent' if c.latent_kwargs else ''
     c.desc = (f'{dataset_name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{opts.precond}-{patch}'
               f'-gpus{world_size}-batch{opts.batch}-{c.precision}') + (f'-{opts.desc}' if opts.desc else '')
     return c
+
+
+def dataset_class(opts: dnnlib.EasyDict) -> str:
+    """The data set class for --data: pre-encoded latents with --latents, else images."""
+    return f'training.dataset.{"LatentFolderDataset" if opts.latents else "ImageFolderDataset"}'
+
+
+def patch_sizes(opts: dnnlib.EasyDict, dataset: ImageFolderDataset) -> List[int]:
+    """The sizes the network trains on (the resolution it sees first); loads the VAE with --latents-on-the-fly."""
+    resolution = dataset.resolution
+    if opts.latents_on_the_fly:
+        try:
+            resolution //= LatentCodec(opts.vae or SD_VAE, SD_SCALE).factor
+        except LatentError as err:
+            raise click.BadParameter(str(err), param_hint='--vae')
+    if opts.patch == 'off':
+        return [resolution]
+    return list(PatchSchedule(resolution, latent=bool(opts.latents or opts.latents_on_the_fly)).sizes)
+
+
+def check_latent_options(opts: dnnlib.EasyDict) -> None:
+    """Raise a click error for latent options that do not fit together."""
+    if opts.latents and opts.latents_on_the_fly:
+        raise click.UsageError('--latents (pre-encoded data) and --latents-on-the-fly (images) exclude each other')
+    if (opts.latents or opts.latents_on_the_fly) and opts.augment:
+        raise click.BadParameter('augmentation works on pixels; latent training needs --augment=0', param_hint='--augment')
 
 
 def find_cxx() -> Optional[str]:
@@ -179,6 +191,9 @@ def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]
 @click.option('--patch', help='Patch Diffusion (on) or the plain EDM baseline (off)', type=click.Choice(['on', 'off']), default='on', show_default=True)
 @click.option('--real_p', help='Share of full-size images per step', type=click.FloatRange(0, 1), default=0.5, show_default=True)
 @click.option('--progressive', help='Progressive patch schedule (small first)', type=bool, default=False, show_default=True)
+@click.option('--latents', help='--data holds VAE latents (dataset_tool.py --encode-latents)', metavar='[BOOL]', type=bool, default=False, show_default=True, is_flag=False, flag_value=True)
+@click.option('--latents-on-the-fly', help='Encode --data\'s images with --vae at every step (the official code\'s way)', metavar='[BOOL]', type=bool, default=False, show_default=True, is_flag=False, flag_value=True)
+@click.option('--vae', help=f'AutoencoderKL for --latents-on-the-fly and previews  [default: {SD_VAE}, or the one that encoded --data]', metavar='DIR|HUB_ID')
 @click.option('--duration', help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
 @click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
 @click.option('--batch-gpu', help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
@@ -223,9 +238,10 @@ def main(ctx: click.Context, **kwargs) -> None:
     device = distributed.init(opts.device)
     world_size = distributed.get_world_size()
     check_speed_options(opts, device)
+    check_latent_options(opts)
 
     try:
-        dataset = dnnlib.construct_class_by_name(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond)
+        dataset = dnnlib.construct_class_by_name(class_name=dataset_class(opts), path=opts.data, use_labels=opts.cond)
     except DatasetError as err:
         raise click.BadParameter(str(err), param_hint='--data')
     if opts.cond and not dataset.has_labels:
@@ -238,10 +254,8 @@ def main(ctx: click.Context, **kwargs) -> None:
     c = build_config(opts, dataset.name, dataset.resolution, world_size)
     try:
         split_batch(opts.batch, opts.batch_gpu, world_size)
-        sizes = [dataset.resolution] + ([dataset.resolution // 2, dataset.resolution // 4] if opts.patch == 'on' else [])
-        channel_mult = c.network_kwargs.channel_mult
-        for size in sizes:
-            check_patch_size(channel_mult, size)
+        for size in patch_sizes(opts, dataset):
+            check_patch_size(c.network_kwargs.channel_mult, size)
     except ValueError as err:
         raise click.ClickException(f'{opts.data}: {err}' if 'patch size' in str(err) else str(err))
 
@@ -269,7 +283,7 @@ def main(ctx: click.Context, **kwargs) -> None:
         logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'))
     try:
         training_loop(run_dir=run_dir, resume_state=resume_state, device=device, **{k: v for k, v in c.items() if k != 'desc'})
-    except SnapshotError as err:
+    except (SnapshotError, LatentError) as err:
         raise click.ClickException(str(err))
     finally:
         if logger is not None:

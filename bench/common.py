@@ -32,10 +32,12 @@ def label_dim(opts: dnnlib.EasyDict) -> int:
     return CLASSES if opts.cond else 0
 
 
-def build_network(network_kwargs: dict, resolution: int, labels: int, device: torch.device, seed: int = 0) -> torch.nn.Module:
-    """An RGB network from build_config()'s network_kwargs, initialised from torch.manual_seed(seed), on the device."""
+def build_network(network_kwargs: dict, resolution: int, labels: int, device: torch.device, seed: int = 0,
+                  channels: int = 3) -> torch.nn.Module:
+    """A network (RGB unless `channels` says otherwise) from build_config()'s network_kwargs, initialised from
+    torch.manual_seed(seed), on the device."""
     torch.manual_seed(seed)
-    net = dnnlib.construct_class_by_name(**network_kwargs, img_resolution=resolution, img_channels=3, label_dim=labels)
+    net = dnnlib.construct_class_by_name(**network_kwargs, img_resolution=resolution, img_channels=channels, label_dim=labels)
     return net.to(device)
 
 

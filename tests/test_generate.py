@@ -133,3 +133,25 @@ def test_outpainting_extends_the_canvas(snapshot, tmp_path, known_image):
     assert np.abs(image[:, 8:24].astype(int) - known_image.astype(int)).max() <= 1
     assert 'smaller than the 16x16 image' in run_cli('--network', f'{snapshot}.pkl', '--grid', tmp_path / 'g.png', '--inpaint',
                                                      tmp_path / 'known.png', '--outpaint', '8x8').output
+
+
+@pytest.mark.parametrize('args, expected', [
+    ([], dict(num_steps=50, S_churn=0, cfg=1.0)),
+    (['--sampler=adm'], dict(num_steps=256, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003, cfg=1.0)),
+    (['--sampler=adm', '--preset=imagenet256-latent'], dict(num_steps=256, S_churn=40, cfg=1.3)),
+    (['--sampler=adm', '--preset=imagenet256-latent', '--steps=7', '--cfg=2'], dict(num_steps=7, S_churn=40, cfg=2.0)),
+], ids=['defaults', 'adm', 'adm+preset', 'flags-win'])
+def test_sampling_settings_precedence(args, expected):
+    # Flags given on the command line > the preset's "sampling" > the --sampler set > the flags' defaults.
+    ctx = generate.main.make_context('generate.py', ['--network=x.pkl', '--grid=g.png', *args])
+    params = dict(ctx.params)
+    named = {k: params.pop(k) for k in ('sampler', 'preset')}
+    sampler_kwargs = {k: v for k, v in params.items() if k in ('num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn',
+                                                                'S_min', 'S_max', 'S_noise', 'solver', 'cfg')}
+    resolved = generate.resolve_sampling(ctx, sampler_kwargs, named['sampler'], named['preset'])
+    assert {k: resolved[k] for k in expected} == expected
+
+
+def test_unknown_sampling_preset_is_a_click_error(snapshot, tmp_path):
+    result = run_cli(f'--network={snapshot}.pkl', f'--grid={tmp_path / "g.png"}', '--preset=nope')
+    assert result.exit_code == 2 and 'unknown preset "nope"' in result.output and 'imagenet256-latent' in result.output

@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 import zipfile
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import PIL.Image
@@ -28,15 +28,15 @@ class SharedImageCache:
     it falls back to private memory: forked workers then share the pages until each writes its own.
     """
 
-    def __init__(self, num_images: int, image_shape: Tuple[int, int, int]):
-        self.images = torch.empty([num_images, *image_shape], dtype=torch.uint8)
+    def __init__(self, num_images: int, image_shape: Sequence[int], dtype: torch.dtype = torch.uint8):
+        self.images = torch.empty([num_images, *image_shape], dtype=dtype)
         self.filled = torch.zeros([num_images], dtype=torch.bool)
-        self.shared = _shm_free_bytes() > self.images.numel() + num_images
+        self.shared = _shm_free_bytes() > self.images.nbytes + num_images
         if self.shared:
             self.images.share_memory_()
             self.filled.share_memory_()
         else:
-            print(f'Warning: /dev/shm has too little room for a {self.images.numel() / 2**30:.2f} GiB image cache; '
+            print(f'Warning: /dev/shm has too little room for a {self.images.nbytes / 2**30:.2f} GiB image cache; '
                   'each loader worker will keep its own copy.', file=sys.stderr)
 
     def get(self, idx: int) -> Optional[np.ndarray]:
@@ -63,6 +63,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     `use_labels` reads labels from dataset.json, `cache` keeps decoded images in a SharedImageCache.
     """
 
+    extensions = IMAGE_EXTENSIONS  # the files that hold items
+    latent: Optional[dict] = None  # for latent data sets: the VAE that encoded them (see LatentFolderDataset)
+
     def __init__(self, path: str, resolution: Optional[int] = None, max_size: Optional[int] = None,
                  xflip: bool = False, use_labels: bool = False, cache: bool = False, random_seed: int = 0):
         self.path = path
@@ -78,13 +81,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DatasetError(f'{path}: not a zip archive; expected a directory or a .zip of images')
         else:
             raise DatasetError(f'{path}: no such directory or zip file')
-        self._image_names = [n for n in self._all_names if n.lower().endswith(IMAGE_EXTENSIONS)]
+        self._image_names = [n for n in self._all_names if n.lower().endswith(self.extensions)]
         if not self._image_names:
-            raise DatasetError(f'{path}: contains no images (expected {", ".join(IMAGE_EXTENSIONS)} files)')
+            raise DatasetError(f'{path}: contains no {self._item_kind()} (expected {", ".join(self.extensions)} files)'
+                               + ('; make them with dataset_tool.py --encode-latents' if self._item_kind() == 'latents' else ''))
 
         self._raw_shape = self._check_shapes(resolution)
         self._raw_labels = self._load_labels() if use_labels else None
-        self._cache = SharedImageCache(len(self._image_names), self._raw_shape[1:]) if cache else None
+        self._cache = SharedImageCache(len(self._image_names), self._stored_shape(), self._stored_dtype()) if cache else None
 
         self._raw_idx = np.arange(len(self._image_names), dtype=np.int64)
         if max_size is not None and max_size < len(self._raw_idx):
@@ -94,6 +98,21 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if xflip:
             self._raw_idx = np.tile(self._raw_idx, 2)
             self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+
+    # --- what the files hold (LatentFolderDataset overrides these) ------------------------------------------
+
+    def _item_kind(self) -> str:
+        return 'images'
+
+    def _stored_shape(self) -> Sequence[int]:
+        return self._raw_shape[1:]
+
+    def _stored_dtype(self) -> torch.dtype:
+        return torch.uint8
+
+    def _view(self, stored: np.ndarray, flip: bool) -> np.ndarray:
+        """The item as returned, from the stored array: mirrored for x-flipped copies."""
+        return stored[:, :, ::-1] if flip else stored
 
     # --- validation -------------------------------------------------------------------------------------
 
@@ -201,9 +220,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             image = self._load_raw_image(raw_idx)
             if self._cache is not None:
                 self._cache.put(raw_idx, image)
-        if self._xflip[idx]:
-            image = image[:, :, ::-1]
-        return image.copy(), self.get_label(idx)
+        return self._view(image, bool(self._xflip[idx])).copy(), self.get_label(idx)
 
     def get_label(self, idx: int) -> np.ndarray:
         """The label of item `idx`: one-hot float32 for integer labels, the raw vector otherwise."""
@@ -259,3 +276,68 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def has_labels(self) -> bool:
         """True when labels were requested and read."""
         return self.label_dim > 0
+
+
+class LatentFolderDataset(ImageFolderDataset):
+    """VAE posterior moments written by `dataset_tool.py --encode-latents`: items are float32 [2C, h, w] (mean, std).
+
+    Each .npy file holds [F, 2C, h, w]: the moments of the image and, with F = 2, of its mirror image, so that
+    x-flipped items are the encodings of flipped images (the VAE does not commute with flips). dataset.json holds
+    the labels and a "latents" entry naming the VAE and scale. `image_shape` and `num_channels` describe the latents.
+    """
+
+    extensions = ('.npy',)
+
+    def __init__(self, path: str, resolution: Optional[int] = None, max_size: Optional[int] = None,
+                 xflip: bool = False, use_labels: bool = False, cache: bool = False, random_seed: int = 0):
+        super().__init__(path, resolution, max_size, xflip, use_labels, cache, random_seed)
+        if xflip and self._num_flips < 2:
+            raise DatasetError(f'{path}: xflip needs the encodings of mirrored images; re-encode with '
+                               'dataset_tool.py --encode-latents --xflip=True')
+
+    def _item_kind(self) -> str:
+        return 'latents'
+
+    def _check_shapes(self, resolution: Optional[int]) -> Tuple[int, int, int, int]:
+        where = self._where('dataset.json')
+        meta = None
+        if 'dataset.json' in self._all_names:
+            try:
+                with self._open_file('dataset.json') as f:
+                    meta = json.load(f).get('latents')
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+                raise DatasetError(f'{where}: not valid JSON with a "latents" entry ({err})') from None
+        if not isinstance(meta, dict) or not {'vae', 'scale'} <= set(meta):
+            raise DatasetError(f'{self.path}: not a latent data set (dataset.json has no "latents" entry with "vae" and '
+                               '"scale"); make one with dataset_tool.py --encode-latents')
+        self.latent = dict(vae=meta['vae'], scale=float(meta['scale']))
+        first = self._load_raw_image(0)
+        if first.ndim != 4 or first.shape[0] not in (1, 2) or first.shape[1] % 2 or first.shape[2] != first.shape[3]:
+            raise DatasetError(f'{self._where(self._image_names[0])}: shape {list(first.shape)} is not [1 or 2, 2C, h, h]')
+        self._num_flips, self._item_shape = first.shape[0], first.shape
+        channels, res = first.shape[1] // 2, first.shape[2]
+        if res & (res - 1) != 0:
+            raise DatasetError(f'{self.path}: latent resolution {res} is not a power of two')
+        if resolution is not None and resolution != res:
+            raise DatasetError(f'{self.path}: latents are {res}x{res}, expected {resolution}x{resolution}')
+        return len(self._image_names), channels, res, res
+
+    def _stored_shape(self) -> Sequence[int]:
+        return self._item_shape
+
+    def _stored_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def _view(self, stored: np.ndarray, flip: bool) -> np.ndarray:
+        return stored[int(flip)]
+
+    def _load_raw_image(self, raw_idx: int) -> np.ndarray:
+        name = self._image_names[raw_idx]
+        try:
+            with self._open_file(name) as f:
+                array = np.load(io.BytesIO(f.read()), allow_pickle=False)
+        except (ValueError, OSError, zipfile.BadZipFile) as err:
+            raise DatasetError(f'{self._where(name)}: cannot read latents ({err})') from None
+        if getattr(self, '_item_shape', array.shape) != array.shape:
+            raise DatasetError(f'{self._where(name)}: shape {list(array.shape)}, but the first file has {list(self._item_shape)}')
+        return array.astype(np.float32, copy=False)

@@ -502,7 +502,7 @@ class _Precond(torch.nn.Module):
     """Shared part of the preconditioners: builds the network and runs D(x; sigma) from c_skip, c_out, c_in, c_noise."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool, use_bf16: bool,
-                 model_type: str, pos_channels: int, model_kwargs: dict):
+                 model_type: str, pos_channels: int, latent: Optional[dict], model_kwargs: dict):
         if model_type not in MODELS:
             raise ValueError(f'unknown model_type "{model_type}", expected one of {sorted(MODELS)}')
         super().__init__()
@@ -512,6 +512,7 @@ class _Precond(torch.nn.Module):
         self.use_fp16 = use_fp16
         self.use_bf16 = use_bf16
         self.pos_channels = pos_channels
+        self.latent = dict(latent) if latent else None  # samples are decoded with this VAE (training/latents.py)
         self.model = MODELS[model_type](img_resolution=img_resolution, in_channels=img_channels + pos_channels,
                                         out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
@@ -580,9 +581,11 @@ class VPPrecond(_Precond):
         epsilon_t: float = 1e-5,            # Smallest t used in training.
         model_type: str = 'SongUNet',       # 'SongUNet' or 'DhariwalUNet'.
         pos_channels: int = 2,              # Coordinate channels concatenated to the input, 0 = none.
+        latent: Optional[dict] = None,      # VAE latent space the images live in, dict(vae=name, scale=factor); None = pixels.
         **model_kwargs,                     # Passed on to the network.
     ):
-        super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_bf16, model_type, pos_channels, model_kwargs)
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_bf16, model_type, pos_channels, latent,
+                         model_kwargs)
         self.beta_d = beta_d
         self.beta_min = beta_min
         self.M = M
@@ -619,9 +622,11 @@ class VEPrecond(_Precond):
         sigma_max: float = 100,             # Largest supported noise level.
         model_type: str = 'SongUNet',       # 'SongUNet' or 'DhariwalUNet'.
         pos_channels: int = 2,              # Coordinate channels concatenated to the input, 0 = none.
+        latent: Optional[dict] = None,      # VAE latent space the images live in, dict(vae=name, scale=factor); None = pixels.
         **model_kwargs,                     # Passed on to the network.
     ):
-        super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_bf16, model_type, pos_channels, model_kwargs)
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_bf16, model_type, pos_channels, latent,
+                         model_kwargs)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
 
@@ -645,9 +650,11 @@ class EDMPrecond(_Precond):
         sigma_data: float = 0.5,            # Expected standard deviation of the training data.
         model_type: str = 'SongUNet',       # 'SongUNet' or 'DhariwalUNet'.
         pos_channels: int = 2,              # Coordinate channels concatenated to the input, 0 = none.
+        latent: Optional[dict] = None,      # VAE latent space the images live in, dict(vae=name, scale=factor); None = pixels.
         **model_kwargs,                     # Passed on to the network.
     ):
-        super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_bf16, model_type, pos_channels, model_kwargs)
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_bf16, model_type, pos_channels, latent,
+                         model_kwargs)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data

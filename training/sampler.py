@@ -122,6 +122,12 @@ def edm_sampler(
         x_next = keep_known(x_next, t_next)
     return x_next
 
+# Named sampler settings: 'adm' is EDM's stochastic sampler as used for ImageNet with ADM (Karras et al. 2022, Table 5).
+SAMPLERS = {
+    'edm': dict(),
+    'adm': dict(num_steps=256, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003),
+}
+
 #----------------------------------------------------------------------------
 # Seeded generation: image k depends only on seed k, whatever the batch or world size.
 
@@ -153,11 +159,12 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def generate_images(net: Callable, seeds: Sequence[int], device: torch.device, class_idx: Optional[int] = None,
-                    **sampler_kwargs) -> torch.Tensor:
+                    decoder: Optional[Callable] = None, **sampler_kwargs) -> torch.Tensor:
     """Sample one image per seed with edm_sampler; returns uint8 [N, C, H, W] on the device.
 
     Latents, random class labels (when the net is conditional and class_idx is None) and churn noise come from
-    per-seed generators. `sampler_kwargs` go to edm_sampler (num_steps, cfg, solver, x_pos, inpaint, ...).
+    per-seed generators. `decoder` turns the samples of a latent-space net into uint8 images (see
+    training.latents.latent_decoder). `sampler_kwargs` go to edm_sampler (num_steps, cfg, solver, x_pos, inpaint, ...).
     """
     rnd = StackedRandomGenerator(device, seeds)
     height = width = net.img_resolution
@@ -172,6 +179,6 @@ def generate_images(net: Callable, seeds: Sequence[int], device: torch.device, c
             else torch.full([len(seeds)], class_idx, device=device)
         class_labels = torch.nn.functional.one_hot(indices, net.label_dim).to(torch.float32)
     images = edm_sampler(net, latents, class_labels=class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
-    return to_uint8(images)
+    return decoder(images).to(device) if decoder is not None else to_uint8(images)
 
 #----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from torch_utils import distributed, misc, training_stats
 from training import snapshot
 from training.networks import check_patch_size
 from training.images import save_image_grid
+from training.latents import SD_SCALE, LatentCodec, sample_latents
 from training.patch import PatchSchedule, coordinate_grid
 from training.sampler import generate_images
 
@@ -59,21 +60,52 @@ def _gather_objects(obj: Any) -> List[Any]:
     return gathered
 
 
+def pixels_to_training(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images as the network trains on them: float32 in [-1, 1]."""
+    return images.to(torch.float32) / 127.5 - 1
+
+
 class _Batches:
     """Pulls whole steps of data from a loader: `multiplier` loader batches concatenated per accumulation round."""
 
-    def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device):
+    def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device,
+                 to_training: Callable[[torch.Tensor], torch.Tensor] = pixels_to_training):
         self._iterator: Iterator = iter(loader)
         self._device = device
+        self._to_training = to_training  # on the device: uint8 -> [-1, 1], or latent moments/images -> latent samples
 
     def next_round(self, multiplier: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Images in [-1, 1] and labels for one round, on the device."""
+        """Training inputs (images in [-1, 1] or latents) and labels for one round, on the device."""
         start = time.perf_counter()
         parts = [next(self._iterator) for _ in range(multiplier)]
         training_stats.report('Timing/data_wait_sec', time.perf_counter() - start)  # time the step waits for the loader
-        images = torch.cat([p[0] for p in parts]).to(self._device, non_blocking=True)
+        items = torch.cat([p[0] for p in parts]).to(self._device, non_blocking=True)
         labels = torch.cat([p[1] for p in parts]).to(self._device, non_blocking=True)
-        return images.to(torch.float32) / 127.5 - 1, labels
+        return self._to_training(items), labels
+
+
+def latent_setup(dataset: torch.utils.data.Dataset, latent_kwargs: Optional[dict], need_decoder: bool,
+                 device: torch.device) -> Tuple[Callable, Optional[LatentCodec], Optional[dict], int, int]:
+    """(to_training, codec or None, the network's `latent` setting, resolution, channels) for pixels or latents.
+
+    latent_kwargs None trains on pixels. Otherwise, with on_the_fly the data set holds images that the VAE
+    (latent_kwargs vae, scale) encodes at every step, as the official code does; without it the data set holds
+    moments that dataset_tool.py --encode-latents wrote once, and `vae` only overrides where the VAE is loaded from.
+    """
+    if latent_kwargs is None:
+        return pixels_to_training, None, None, dataset.resolution, dataset.num_channels
+    on_the_fly = latent_kwargs.get('on_the_fly', False)
+    if on_the_fly:
+        latent = dict(vae=latent_kwargs['vae'], scale=latent_kwargs.get('scale', SD_SCALE))
+    elif dataset.latent is None:
+        raise ValueError(f'{dataset.path}: training on pre-encoded latents needs a latent data set '
+                         '(dataset_tool.py --encode-latents); to encode images at every step, use --latents-on-the-fly')
+    else:
+        latent = dict(dataset.latent, vae=latent_kwargs.get('vae') or dataset.latent['vae'])
+    codec = LatentCodec(latent['vae'], latent['scale'], device) if on_the_fly or need_decoder else None
+    if on_the_fly:
+        return codec.encode, codec, latent, dataset.resolution // codec.factor, codec.channels
+    return (lambda moments: sample_latents(moments, latent['scale'])), codec, latent, dataset.resolution, dataset.num_channels
 
 
 def _format_time(seconds: float) -> str:
@@ -174,6 +206,7 @@ def training_loop(
     optimizer_kwargs: dict,
     augment_kwargs: Optional[dict] = None,
     patch_kwargs: Optional[dict] = None,     # PatchSchedule options (real_p, mode); None trains on whole images
+    latent_kwargs: Optional[dict] = None,    # train on VAE latents: dict(on_the_fly, vae, scale); None trains on pixels
     seed: int = 0,
     batch_size: int = 512,
     batch_gpu: Optional[int] = None,
@@ -218,16 +251,19 @@ def training_loop(
     # Data.
     distributed.print0('Loading dataset...')
     dataset = dnnlib.construct_class_by_name(**dataset_kwargs)
-    resolution = dataset.resolution
-    schedule = PatchSchedule(resolution, seed=seed, **patch_kwargs) if patch_kwargs is not None else None
+    need_decoder = preview is not None and rank == 0
+    to_training, codec, latent, resolution, channels = latent_setup(dataset, latent_kwargs, need_decoder, device)
+    schedule = PatchSchedule(resolution, seed=seed, latent=latent is not None, **patch_kwargs) \
+        if patch_kwargs is not None else None
     consumed = state['consumed'] if state else 0  # loader items each rank has taken so far
     sampler = misc.InfiniteSampler(dataset, rank=rank, num_replicas=world_size, seed=seed, start=consumed)
-    batches = _Batches(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, **data_loader_kwargs), device)
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, **data_loader_kwargs)
+    batches = _Batches(loader, device, to_training)
 
     # Network, loss, optimizer.
     distributed.print0('Constructing network...')
-    net = dnnlib.construct_class_by_name(**network_kwargs, img_resolution=resolution, img_channels=dataset.num_channels,
-                                         label_dim=dataset.label_dim)
+    net = dnnlib.construct_class_by_name(**network_kwargs, img_resolution=resolution, img_channels=channels,
+                                         label_dim=dataset.label_dim, **(dict(latent=latent) if latent else {}))
     channel_mult = net.model.channel_mult
     for size in (schedule.sizes if schedule else [resolution]):
         check_patch_size(channel_mult, size)
@@ -339,7 +375,7 @@ def training_loop(
                                                         dataset_kwargs=dict(dataset_kwargs), training_options=training_options))
                     if preview is not None:
                         grid = generate_images(ema, seeds=range(preview['num_images']), device=device,
-                                               num_steps=preview['num_steps'])
+                                               num_steps=preview['num_steps'], decoder=codec.decode if codec else None)
                         save_image_grid(grid, os.path.join(run_dir, f'preview-{stem}.png'))
             if state_dump_ticks is not None and (done or stop or cur_tick % state_dump_ticks == 0):
                 rng = _gather_objects(_rng_state(device))

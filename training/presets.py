@@ -1,0 +1,42 @@
+"""Named settings in configs/NAME.json: train.py options, plus an optional "sampling" entry for generate.py and fid.py."""
+
+import json
+import os
+from typing import Any, Dict, List
+
+import click
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+
+
+def list_presets() -> List[str]:
+    """Names of the presets in configs/."""
+    return sorted(os.path.splitext(f)[0] for f in os.listdir(CONFIG_DIR) if f.endswith('.json'))
+
+
+def read_preset(name: str) -> Dict[str, Any]:
+    """All of configs/NAME.json; a click error naming the available presets if there is none."""
+    path = os.path.join(CONFIG_DIR, f'{name}.json')
+    if not os.path.isfile(path):
+        raise click.BadParameter(f'unknown preset "{name}"; available: {", ".join(list_presets())}', param_hint='--preset')
+    with open(path) as f:
+        return json.load(f)
+
+
+def training_preset(name: str) -> Dict[str, Any]:
+    """The train.py options of a preset (without its notes and sampling settings)."""
+    return {k: v for k, v in read_preset(name).items() if k not in ('notes', 'sampling')}
+
+
+def sampling_preset(name: str) -> Dict[str, Any]:
+    """The sampler settings of a preset, e.g. {"cfg": 1.3}; empty if it has none."""
+    return dict(read_preset(name).get('sampling', {}))
+
+
+def apply_defaults(ctx: click.Context, values: Dict[str, Any], defaults: Dict[str, Any], source: str) -> None:
+    """Set values[key] = defaults[key] for each option not given on the command line; unknown keys are an error."""
+    for key, value in defaults.items():
+        if key not in values:
+            raise click.ClickException(f'{source}: unknown option "{key}"')
+        if ctx.get_parameter_source(key) != click.core.ParameterSource.COMMANDLINE:
+            values[key] = value
