@@ -29,6 +29,7 @@ from torch_utils.distributed import choose_device
 from train import build_config, preset_options
 from training.latents import SD_SCALE, LatentCodec, LatentError, import_autoencoder, sample_latents
 from training.loss import PatchEDMLoss
+from training.networks import check_patch_size
 from training.patch import PatchSchedule
 from training.training_loop import optimizer_step
 
@@ -108,6 +109,12 @@ def main(preset: str, vae: str, resolution: int, batch: int, cbase: Optional[int
     sizes = list(PatchSchedule(latent_res, latent=True).sizes)
     opts = preset_options(preset, cond=False, **({} if cbase is None else dict(cbase=cbase)))
     c = build_config(opts, 'synthetic', latent_res, world_size=1)
+    try:
+        for size in sizes:
+            check_patch_size(c.network_kwargs.channel_mult, size)
+    except ValueError as err:
+        raise click.BadParameter(f'{resolution}x{resolution} images give {latent_res}x{latent_res} latents: {err}',
+                                 param_hint='--resolution')
 
     generator = torch.Generator(torch_device).manual_seed(0)
     images = torch.randint(0, 256, [2 * batch, 3, resolution, resolution], dtype=torch.uint8, generator=generator,

@@ -1,4 +1,4 @@
-"""Smoke tests of bench/train_throughput.py and bench/sample_speed.py on tiny networks on the CPU (a few seconds each)."""
+"""Smoke tests of the bench/ scripts on tiny networks on the CPU (a few seconds each)."""
 
 import json
 
@@ -143,3 +143,18 @@ def test_data_wait_measure_skips_first_tick():
     tick = lambda wait, step, num: {'Timing/data_wait_sec': {'num': num, 'mean': wait}, 'Timing/step_sec': {'num': num, 'mean': step}}  # noqa: E731
     result = data_wait.measure([tick(5.0, 6.0, 2), tick(0.01, 0.1, 4), tick(0.03, 0.1, 4)])
     assert result['steps'] == 8 and result['share'] == pytest.approx(20.0) and result['step_ms'] == pytest.approx(100.0)
+
+
+def test_latent_step_compares_pre_encoded_with_on_the_fly(tmp_path):
+    pytest.importorskip('diffusers', reason='bench/latent_step.py needs the optional extra diffusers')
+    from bench import latent_step
+    path = tmp_path / 'latent.json'
+    output = invoke(latent_step.main, ['--device=cpu', '--vae=tiny', '--resolution=64', '--cbase=8', '--batch=2',
+                                       '--warmup=1', '--blocks=2', f'--json={path}'])
+    result = json.loads(path.read_text())
+    assert 'pre-encoded' in output and 'on-the-fly' in output
+    assert (result['latent_resolution'], result['sizes']) == (16, [16, 8])
+    pre, fly = result['rows']
+    assert (pre['path'], fly['path']) == ('pre-encoded', 'on-the-fly') and pre['time_vs_pre_encoded'] == 1
+    assert fly['time_vs_pre_encoded'] == pytest.approx(fly['sec_per_step'] / pre['sec_per_step'])
+    assert all(row['sec_per_step'] > 0 and row['images_per_sec'] > 0 for row in result['rows'])
