@@ -96,6 +96,23 @@ def test_encode_store_load_train_generate_decode(files, tmp_path):
     with PIL.Image.open(grid) as image:
         assert image.size == (3 * RES, 2 * RES)
 
+    # fid.py scores the decoded samples, with the ImageNet preset's guidance; a VAE that is not there is a clear error.
+    import fid
+    from click.testing import CliRunner
+    from test_fid import ColourStats
+    detector = str(tmp_path / 'detector.pt')
+    torch.jit.save(torch.jit.script(ColourStats()), detector)
+    common = ['--detector', detector, '--device', 'cpu', '--workers', '0']
+    result = CliRunner().invoke(fid.main, ['ref', '--data', files['images'], '--dest', str(tmp_path / 'ref.npz'), *common])
+    assert result.exit_code == 0, result.output
+    calc = ['calc', '--network', run_dir, '--ref', str(tmp_path / 'ref.npz'), '--num', '6', '--steps', '2',
+            '--preset', 'imagenet256-latent', '--json', str(tmp_path / 'fid.jsonl'), *common]
+    result = CliRunner().invoke(fid.main, calc)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / 'fid.jsonl').read_text())['num'] == 6
+    result = CliRunner().invoke(fid.main, calc + ['--vae', str(tmp_path / 'no-vae')])
+    assert result.exit_code == 2 and '--vae' in result.output and 'no-vae' in result.output
+
 
 def test_pre_encoded_and_on_the_fly_give_the_same_latents(files):
     codec = LatentCodec(files['vae'], 0.18215)
