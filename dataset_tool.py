@@ -6,7 +6,6 @@ Examples:
 """
 
 import io
-import itertools
 import json
 import os
 import re
@@ -177,6 +176,18 @@ def _checked_arrays(items: Iterator[Item], num: int, resolution: Optional[Tuple[
         yield f'{index // 1000:05d}/img{index:08d}', array, label
 
 
+def batched(items: Iterator, size: int) -> Iterator[list]:
+    """Lists of `size` consecutive items (the last one shorter)."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _write_dataset(source: str, dest: str, resolution: Optional[Tuple[int, int]], transform: Optional[str],
                    max_images: Optional[int], seed: int, write_items: Callable, meta: Optional[dict] = None) -> int:
     """Shared body of convert() and encode_latents(): write_items(writer, arrays) writes the files and returns
@@ -221,21 +232,17 @@ def encode_latents(source: str, dest: str, resolution: Optional[Tuple[int, int]]
         raise click.BadParameter(str(err), param_hint='--vae' if isinstance(err, latents.LatentError) else '--device')
 
     def write_moments(writer: DatasetWriter, arrays: Iterator) -> list:
-        labels, batch = [], []
-        for item in itertools.chain(arrays, [None]):
-            if item is not None:
-                batch.append(item)
-            if batch and (item is None or len(batch) == batch_size):
-                images = torch.from_numpy(np.stack([np.broadcast_to(np.atleast_3d(a), a.shape[:2] + (3,))
-                                                    for _name, a, _label in batch])).permute(0, 3, 1, 2)
-                views = [images, images.flip(3)] if xflip else [images]
-                moments = torch.stack([codec.encode_moments(v).cpu() for v in views], dim=1)  # [N, F, 2C, h, w]
-                for (name, _array, label), item_moments in zip(batch, moments.numpy()):
-                    buffer = io.BytesIO()
-                    np.save(buffer, item_moments)
-                    writer.write(f'{name}.npy', buffer.getvalue())
-                    labels.append([f'{name}.npy', label])
-                batch = []
+        labels = []
+        for batch in batched(arrays, batch_size):
+            rgb = [np.broadcast_to(np.atleast_3d(array), array.shape[:2] + (3,)) for _name, array, _label in batch]
+            images = torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2)
+            views = [images, images.flip(3)] if xflip else [images]
+            moments = torch.stack([codec.encode_moments(v).cpu() for v in views], dim=1)  # [N, F, 2C, h, w]
+            for (name, _array, label), item_moments in zip(batch, moments.numpy()):
+                buffer = io.BytesIO()
+                np.save(buffer, item_moments)
+                writer.write(f'{name}.npy', buffer.getvalue())
+                labels.append([f'{name}.npy', label])
         return labels
     meta = dict(latents=dict(vae=vae, scale=latents.SD_SCALE, channels=codec.channels, factor=codec.factor, flips=xflip))
     return _write_dataset(source, dest, resolution, transform, max_images, seed, write_moments, meta)

@@ -205,3 +205,21 @@ def test_unreachable_vae_and_bad_latent_options(files, tmp_path):
     with pytest.raises(DatasetError, match='--xflip=True'):
         LatentFolderDataset(unflipped, xflip=True)
     assert len(LatentFolderDataset(unflipped)) == 4
+
+
+def test_latent_presets():
+    from train import build_config, main, preset_options, resolve_options
+    from training.networks import check_patch_size
+    from training.patch import PatchSchedule
+    from training.presets import list_presets, sampling_preset
+    for name in list_presets():  # every preset's keys are train.py options
+        ctx = main.make_context('train.py', [f'--preset={name}', '--outdir=o', '--data=d'])
+        resolve_options(ctx, ctx.params)
+    for name, cond in [('imagenet256-latent', True), ('lsun256-latent', False)]:
+        c = build_config(preset_options(name), 'd', 32, world_size=1)
+        assert c.dataset_kwargs.class_name == 'training.dataset.LatentFolderDataset' and c.dataset_kwargs.xflip
+        assert c.latent_kwargs == dict(on_the_fly=False, vae=None) and c.augment_kwargs is None
+        assert c.network_kwargs.model_type == 'DhariwalUNet' and c.network_kwargs.get('label_dropout') == (0.1 if cond else None)
+        for size in PatchSchedule(32, latent=True).sizes:  # 32x32 latents of 256x256 images
+            check_patch_size(c.network_kwargs.channel_mult, size)
+    assert sampling_preset('imagenet256-latent') == {'cfg': 1.3} and sampling_preset('lsun256-latent') == {}

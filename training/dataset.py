@@ -64,6 +64,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """
 
     extensions = IMAGE_EXTENSIONS  # the files that hold items
+    item_kind = 'images'           # what they hold, for error messages
+    how_to_make = ''               # hint for a source without such files
     latent: Optional[dict] = None  # for latent data sets: the VAE that encoded them (see LatentFolderDataset)
 
     def __init__(self, path: str, resolution: Optional[int] = None, max_size: Optional[int] = None,
@@ -83,8 +85,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DatasetError(f'{path}: no such directory or zip file')
         self._image_names = [n for n in self._all_names if n.lower().endswith(self.extensions)]
         if not self._image_names:
-            raise DatasetError(f'{path}: contains no {self._item_kind()} (expected {", ".join(self.extensions)} files)'
-                               + ('; make them with dataset_tool.py --encode-latents' if self._item_kind() == 'latents' else ''))
+            raise DatasetError(f'{path}: contains no {self.item_kind} '
+                               f'(expected {", ".join(self.extensions)} files){self.how_to_make}')
 
         self._raw_shape = self._check_shapes(resolution)
         self._raw_labels = self._load_labels() if use_labels else None
@@ -100,9 +102,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
 
     # --- what the files hold (LatentFolderDataset overrides these) ------------------------------------------
-
-    def _item_kind(self) -> str:
-        return 'images'
 
     def _stored_shape(self) -> Sequence[int]:
         return self._raw_shape[1:]
@@ -287,6 +286,8 @@ class LatentFolderDataset(ImageFolderDataset):
     """
 
     extensions = ('.npy',)
+    item_kind = 'latents'
+    how_to_make = '; make them with dataset_tool.py --encode-latents'
 
     def __init__(self, path: str, resolution: Optional[int] = None, max_size: Optional[int] = None,
                  xflip: bool = False, use_labels: bool = False, cache: bool = False, random_seed: int = 0):
@@ -294,9 +295,6 @@ class LatentFolderDataset(ImageFolderDataset):
         if xflip and self._num_flips < 2:
             raise DatasetError(f'{path}: xflip needs the encodings of mirrored images; re-encode with '
                                'dataset_tool.py --encode-latents --xflip=True')
-
-    def _item_kind(self) -> str:
-        return 'latents'
 
     def _check_shapes(self, resolution: Optional[int]) -> Tuple[int, int, int, int]:
         where = self._where('dataset.json')
