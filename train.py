@@ -18,7 +18,7 @@ import torch.distributed as dist
 import dnnlib
 from torch_utils import distributed
 from training.dataset import DatasetError, ImageFolderDataset
-from training.latents import SD_SCALE, SD_VAE, LatentCodec, LatentError
+from training.latents import SD_SCALE, SD_VAE, LatentError, vae_config, vae_shape
 from training.networks import check_patch_size
 from training.patch import PatchSchedule
 from training.presets import apply_defaults, training_preset
@@ -124,11 +124,11 @@ def dataset_class(opts: dnnlib.EasyDict) -> str:
 
 
 def patch_sizes(opts: dnnlib.EasyDict, dataset: ImageFolderDataset) -> List[int]:
-    """The sizes the network trains on (the resolution it sees first); loads the VAE with --latents-on-the-fly."""
+    """The sizes the network trains on (the resolution it sees first); reads the VAE's config with --latents-on-the-fly."""
     resolution = dataset.resolution
     if opts.latents_on_the_fly:
         try:
-            resolution //= LatentCodec(opts.vae or SD_VAE, SD_SCALE).factor
+            resolution //= vae_shape(vae_config(opts.vae or SD_VAE))[1]
         except LatentError as err:
             raise click.BadParameter(str(err), param_hint='--vae')
     if opts.patch == 'off':

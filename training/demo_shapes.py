@@ -14,6 +14,8 @@ from typing import Iterator, Tuple
 import numpy as np
 import torch
 
+from training.images import to_float
+
 NUM_CLASSES = 6
 FOREGROUND_THRESHOLD = 96  # uint8 level above which a pixel counts as part of a shape (background is 0)
 COLOUR_TOLERANCE = 0.25    # max deviation of a pixel's chromaticity from the image's median colour
@@ -55,7 +57,7 @@ def generate(num_images: int, resolution: int = 32, seed: int = 0) -> Iterator[T
 def heldout_images(num_images: int, resolution: int = 32, seed: int = 0) -> torch.Tensor:
     """Fresh demo images for evaluation (indices from HELDOUT_START), as float [N, 3, R, R] in [-1, 1]."""
     images = np.stack([make_image(HELDOUT_START + i, resolution, seed)[0] for i in range(num_images)])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
+    return to_float(torch.from_numpy(images).permute(0, 3, 1, 2))
 
 
 def _as_nchw_uint8(images) -> np.ndarray:

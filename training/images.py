@@ -12,6 +12,11 @@ import torch
 from training.snapshot import atomic_write
 
 
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images as the networks take them: float32 in [-1, 1]."""
+    return images.to(torch.float32) / 127.5 - 1
+
+
 def to_pil(image: torch.Tensor) -> PIL.Image.Image:
     """A uint8 [C, H, W] tensor (C = 1 or 3) as a PIL image."""
     array = image.detach().cpu().permute(1, 2, 0).numpy()
@@ -51,4 +56,4 @@ def load_image(path: str, channels: int) -> torch.Tensor:
     except (FileNotFoundError, PIL.UnidentifiedImageError, OSError) as err:
         raise ValueError(f'{path}: cannot read ({err})') from None
     array = array[:, :, np.newaxis] if array.ndim == 2 else array
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].to(torch.float32) / 127.5 - 1
+    return to_float(torch.from_numpy(array.copy()).permute(2, 0, 1)[None])

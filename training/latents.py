@@ -6,9 +6,12 @@ code does when it runs the encoder on every step. Samples go back through the de
 """
 
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
+
+from training.images import to_float
+from training.sampler import to_uint8
 
 SD_VAE = 'stabilityai/sd-vae-ft-ema'
 SD_SCALE = 0.18215
@@ -29,17 +32,33 @@ def import_autoencoder() -> type:
     return AutoencoderKL
 
 
-def load_vae(name_or_path: str, device: torch.device = torch.device('cpu')) -> torch.nn.Module:
-    """An AutoencoderKL from a local directory (save_pretrained layout) or a Hugging Face hub id, in eval mode."""
+def _vae_from(name_or_path: str, load: Callable) -> object:
+    """load(AutoencoderKL, name_or_path), with a LatentError naming the VAE when it cannot be found or read."""
     AutoencoderKL = import_autoencoder()
     try:
-        vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False)  # no `accelerate` warning
+        return load(AutoencoderKL, name_or_path)
     except (OSError, ValueError) as err:
         where = 'directory' if os.path.isdir(name_or_path) else 'hub id'
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LatentError(f'cannot load the VAE {where} "{name_or_path}" ({first_line}); without a network, download it '
                           'elsewhere (AutoencoderKL.save_pretrained) and pass a local path instead') from None
+
+
+def load_vae(name_or_path: str, device: torch.device = torch.device('cpu')) -> torch.nn.Module:
+    """An AutoencoderKL from a local directory (save_pretrained layout) or a Hugging Face hub id, in eval mode."""
+    # low_cpu_mem_usage=False: no warning about the missing `accelerate` package.
+    vae = _vae_from(name_or_path, lambda cls, name: cls.from_pretrained(name, low_cpu_mem_usage=False))
     return vae.eval().requires_grad_(False).to(device)
+
+
+def vae_shape(config: dict) -> Tuple[int, int]:
+    """(latent channels, pixels per latent along each side) of an AutoencoderKL config."""
+    return config['latent_channels'], 2 ** (len(config['block_out_channels']) - 1)
+
+
+def vae_config(name_or_path: str) -> dict:
+    """An AutoencoderKL's config without loading its weights (what train.py needs to check the latent size)."""
+    return dict(_vae_from(name_or_path, lambda cls, name: cls.load_config(name)))
 
 
 def sample_latents(moments: torch.Tensor, scale: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -57,13 +76,12 @@ class LatentCodec:
         self.scale = scale
         self.device = torch.device(device)
         self.vae = load_vae(vae, self.device)
-        self.channels = self.vae.config.latent_channels
-        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # pixels per latent along each side
+        self.channels, self.factor = vae_shape(self.vae.config)
 
     @torch.no_grad()
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
         """Posterior moments [N, 2C, R/f, R/f] (mean, std; unscaled, float32) of uint8 images [N, 3, R, R]."""
-        pixels = images.to(self.device, torch.float32) / 127.5 - 1
+        pixels = to_float(images.to(self.device))
         posterior = self.vae.encode(pixels).latent_dist
         return torch.cat([posterior.mean, posterior.std], dim=1).to(torch.float32)
 
@@ -74,8 +92,7 @@ class LatentCodec:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """uint8 images [N, 3, R, R] from scaled latents [N, C, h, w]."""
-        pixels = self.vae.decode(latents.to(self.device, torch.float32) / self.scale).sample
-        return (pixels * 127.5 + 128).clip(0, 255).to(torch.uint8)
+        return to_uint8(self.vae.decode(latents.to(self.device, torch.float32) / self.scale).sample)
 
 
 def latent_decoder(net: torch.nn.Module, device: torch.device, vae: Optional[str] = None) -> Optional[Callable]:

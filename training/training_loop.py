@@ -16,7 +16,7 @@ import dnnlib
 from torch_utils import distributed, misc, training_stats
 from training import snapshot
 from training.networks import check_patch_size
-from training.images import save_image_grid
+from training.images import save_image_grid, to_float
 from training.latents import SD_SCALE, LatentCodec, sample_latents
 from training.patch import PatchSchedule, coordinate_grid
 from training.sampler import generate_images
@@ -60,16 +60,11 @@ def _gather_objects(obj: Any) -> List[Any]:
     return gathered
 
 
-def pixels_to_training(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images as the network trains on them: float32 in [-1, 1]."""
-    return images.to(torch.float32) / 127.5 - 1
-
-
 class _Batches:
     """Pulls whole steps of data from a loader: `multiplier` loader batches concatenated per accumulation round."""
 
     def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device,
-                 to_training: Callable[[torch.Tensor], torch.Tensor] = pixels_to_training):
+                 to_training: Callable[[torch.Tensor], torch.Tensor] = to_float):
         self._iterator: Iterator = iter(loader)
         self._device = device
         self._to_training = to_training  # on the device: uint8 -> [-1, 1], or latent moments/images -> latent samples
@@ -93,7 +88,7 @@ def latent_setup(dataset: torch.utils.data.Dataset, latent_kwargs: Optional[dict
     moments that dataset_tool.py --encode-latents wrote once, and `vae` only overrides where the VAE is loaded from.
     """
     if latent_kwargs is None:
-        return pixels_to_training, None, None, dataset.resolution, dataset.num_channels
+        return to_float, None, None, dataset.resolution, dataset.num_channels
     on_the_fly = latent_kwargs.get('on_the_fly', False)
     if on_the_fly:
         latent = dict(vae=latent_kwargs['vae'], scale=latent_kwargs.get('scale', SD_SCALE))
