@@ -23,7 +23,7 @@ from training.networks import check_patch_size
 from training.patch import PatchSchedule
 from training.presets import apply_defaults, training_preset
 from training.snapshot import SnapshotError, load_state, newest_state
-from training.training_loop import split_batch, training_loop
+from training.training_loop import split_batch, state_loss_norm, training_loop
 
 def parse_int_list(value: Optional[str]) -> Optional[list]:
     """'1,2,2' -> [1, 2, 2]."""
@@ -108,7 +108,7 @@ def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, worl
              loss_scaling=opts.ls if opts.ls is not None else 2.0 ** 16 if opts.fp16 else 1,
              compile_kwargs=dnnlib.EasyDict(dynamic=False) if opts.compile else None, channels_last=opts.channels_last,
              cudnn_benchmark=opts.bench, tf32=opts.tf32, kimg_per_tick=opts.tick, snapshot_ticks=opts.snap,
-             state_dump_ticks=opts.dump, seed=opts.seed, transfer=opts.transfer)
+             state_dump_ticks=opts.dump, seed=opts.seed, transfer=opts.transfer, loss_norm=opts.loss_norm)
     c.preview = dnnlib.EasyDict(num_images=64, num_steps=opts.preview_steps) if opts.preview else None
 
     patch = f'patch{opts.real_p:g}{"prog" if opts.progressive else ""}' if opts.patch == 'on' else 'full'
@@ -190,6 +190,7 @@ def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]
 @click.option('--precond', help='Preconditioning & loss function', type=click.Choice(['edm', 'vp', 've']), default='edm', show_default=True)
 @click.option('--patch', help='Patch Diffusion (on) or the plain EDM baseline (off)', type=click.Choice(['on', 'off']), default='on', show_default=True)
 @click.option('--real_p', help='Share of full-size images per step', type=click.FloatRange(0, 1), default=0.5, show_default=True)
+@click.option('--loss-norm', help='Weight of a patch step: per image (EDM, official code) or per pixel (every step equal)', type=click.Choice(['image', 'pixel']), default='pixel', show_default=True)
 @click.option('--progressive', help='Progressive patch schedule (small first)', type=bool, default=False, show_default=True)
 @click.option('--latents', help='--data holds VAE latents (dataset_tool.py --encode-latents)', metavar='[BOOL]', type=bool, default=False, show_default=True, is_flag=False, flag_value=True)
 @click.option('--latents-on-the-fly', help='Encode --data\'s images with --vae at every step (the official code\'s way)', metavar='[BOOL]', type=bool, default=False, show_default=True, is_flag=False, flag_value=True)
@@ -265,9 +266,14 @@ def main(ctx: click.Context, **kwargs) -> None:
     run_dir, resume_state = decision[0]
     if resume_state is not None:
         try:
-            load_state(resume_state)  # fail on a bad file before anything is written into its run directory
+            state = load_state(resume_state)  # fail on a bad file before anything is written into its run directory
         except SnapshotError as err:
             raise click.ClickException(str(err))
+        if state_loss_norm(state) != opts.loss_norm:
+            distributed.print0(f'Note: {resume_state} was trained with --loss-norm={state_loss_norm(state)}; '
+                               f'the run keeps it (not {opts.loss_norm}).')
+            c.loss_norm = opts.loss_norm = state_loss_norm(state)
+        del state
     c.training_options = dict(opts)
 
     distributed.print0(json.dumps(dict(c, run_dir=run_dir, resume_state=resume_state), indent=2))

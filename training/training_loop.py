@@ -23,6 +23,7 @@ from training.sampler import generate_images
 
 
 AUTOCAST_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # training precision -> autocast dtype
+LOSS_NORMS = ('image', 'pixel')  # a step's loss: summed over pixels per image, or that times (R/s)^2 (see optimizer_step)
 
 
 def split_batch(batch_size: int, batch_gpu: Optional[int], world_size: int) -> Tuple[int, int]:
@@ -103,6 +104,11 @@ def latent_setup(dataset: torch.utils.data.Dataset, latent_kwargs: Optional[dict
     return (lambda moments: sample_latents(moments, latent['scale'])), codec, latent, dataset.resolution, dataset.num_channels
 
 
+def state_loss_norm(state: Dict[str, Any]) -> str:
+    """The loss normalisation a training state was trained with; states written before the option existed used 'image'."""
+    return state.get('loss_norm', 'image')
+
+
 def _format_time(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -162,10 +168,15 @@ def compile_network(net: torch.nn.Module, compile_kwargs: dict) -> None:
 def optimizer_step(ddp: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, next_round: Callable,
                    size: int, multiplier: int, num_rounds: int, lr: float, augment_pipe: Optional[Callable] = None,
                    loss_scaling: float = 1, scaler: Optional[torch.amp.GradScaler] = None,
-                   autocast_dtype: Optional[torch.dtype] = None, channels_last: bool = False) -> None:
+                   autocast_dtype: Optional[torch.dtype] = None, channels_last: bool = False, loss_norm: str = 'image') -> None:
     """One training step: accumulate gradients over `num_rounds` rounds of `next_round(multiplier)` data, then update."""
     # With a GradScaler the scaler scales the loss (loss_scaling is unused) and skips steps with inf/NaN gradients;
     # without one the loss is multiplied by the constant loss_scaling, as in EDM.
+    # loss_norm 'image' sums the loss over each image's pixels and averages over images, as EDM and the official code
+    # do, so an s x s patch step weighs (s/R)^2 of a full step; 'pixel' multiplies by (R/s)^2, which gives every step
+    # the same weight (the mean over the step's pixels, times R^2). On full-size steps the two are the same numbers.
+    if loss_norm not in LOSS_NORMS:
+        raise ValueError(f'loss_norm must be one of {LOSS_NORMS}, got {loss_norm!r}')
     optimizer.zero_grad(set_to_none=True)
     net = ddp if autocast_dtype is None else _Autocast(ddp, next(ddp.parameters()).device.type, autocast_dtype)
     for round_idx in range(num_rounds):
@@ -175,8 +186,10 @@ def optimizer_step(ddp: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_
                 images = images.contiguous(memory_format=torch.channels_last)
             loss = loss_fn(net, images, size, labels=labels, augment_pipe=augment_pipe)
             training_stats.report('Loss/loss', loss)
-            # Sum over pixels, mean over this process's images of the step, as EDM does.
-            loss = loss.sum().mul((loss_scaling if scaler is None else 1) / (len(images) * num_rounds))
+            scale = (loss_scaling if scaler is None else 1) / (len(images) * num_rounds)
+            if loss_norm == 'pixel':
+                scale *= (images.shape[-1] / loss.shape[-1]) ** 2
+            loss = loss.sum().mul(scale)
             (loss if scaler is None else scaler.scale(loss)).backward()
     for group in optimizer.param_groups:
         group['lr'] = lr
@@ -213,6 +226,7 @@ def training_loop(
     loss_scaling: float = 1,                  # the GradScaler's initial scale with fp16, else a constant loss factor
     compile_kwargs: Optional[dict] = None,    # torch.compile options for the training network; None runs it eagerly
     channels_last: bool = False,              # train the network (not the EMA) in channels-last memory format
+    loss_norm: str = 'image',                 # 'image' (EDM's, the official code's) or 'pixel'; see optimizer_step
     kimg_per_tick: float = 50,
     snapshot_ticks: Optional[int] = 50,
     state_dump_ticks: Optional[int] = 500,
@@ -242,6 +256,7 @@ def training_loop(
     state = snapshot.load_state(resume_state) if resume_state else None
     if state is not None:
         seed = state['seed']  # the data order and patch schedule continue from the original run's seed
+        loss_norm = state_loss_norm(state)
 
     # Data.
     distributed.print0('Loading dataset...')
@@ -320,7 +335,7 @@ def training_loop(
             step_start = time.perf_counter()
             optimizer_step(ddp, optimizer, loss_fn, batches.next_round, size, multiplier, num_rounds, lr,
                            augment_pipe=augment_pipe, loss_scaling=loss_scaling, scaler=scaler,
-                           autocast_dtype=AUTOCAST_DTYPES[precision], channels_last=channels_last)
+                           autocast_dtype=AUTOCAST_DTYPES[precision], channels_last=channels_last, loss_norm=loss_norm)
             training_stats.report('Timing/step_sec', time.perf_counter() - step_start)
             consumed += num_rounds * multiplier * batch_gpu
 
@@ -378,7 +393,7 @@ def training_loop(
                     snapshot.save_state(os.path.join(run_dir, f'training-state-{stem}.pt'), dict(
                         net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                         scaler=scaler.state_dict() if scaler is not None else None,
-                        cur_nimg=cur_nimg, cur_tick=cur_tick + 1, consumed=consumed, rng=rng, seed=seed,
+                        cur_nimg=cur_nimg, cur_tick=cur_tick + 1, consumed=consumed, rng=rng, seed=seed, loss_norm=loss_norm,
                         schedule=schedule.state_dict() if schedule else None))
             distributed.update_progress(cur_nimg // 1000, total_kimg)
             if done or stop:
