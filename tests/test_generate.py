@@ -69,7 +69,7 @@ def test_grid_and_subdirs(snapshot, tmp_path):
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(tmp_path / 'out')) == ['000000', '001000']
     assert sorted(os.listdir(tmp_path / 'out' / '001000')) == ['001000.png', '001001.png']
-    assert PIL.Image.open(tmp_path / 'grid.png').size == (32, 32)  # 4 images of 16x16, 2 per row
+    assert PIL.Image.open(tmp_path / 'grid.png').size == (256, 256)  # 4 images of 16x16, 2 per row, each shown 128 px wide
 
 
 @pytest.mark.parametrize('make, message', [
@@ -155,3 +155,19 @@ def test_sampling_settings_precedence(args, expected):
 def test_unknown_sampling_preset_is_a_click_error(snapshot, tmp_path):
     result = run_cli(f'--network={snapshot}.pkl', f'--grid={tmp_path / "g.png"}', '--preset=nope')
     assert result.exit_code == 2 and 'unknown preset "nope"' in result.output and 'imagenet256-latent' in result.output
+
+
+def test_grid_enlarges_small_samples_by_whole_nearest_factors(tmp_path):
+    from training.images import save_image_grid
+    images = torch.randint(0, 256, [3, 3, 24, 24], dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    save_image_grid(images, str(tmp_path / 'grid.png'), cols=2)  # 128 / 24 rounds up to a factor of 6
+    grid = np.asarray(PIL.Image.open(tmp_path / 'grid.png'))
+    assert grid.shape == (2 * 24 * 6, 2 * 24 * 6, 3)
+    for i, image in enumerate(images):
+        r, c = divmod(i, 2)
+        tile = grid[r * 144:(r + 1) * 144, c * 144:(c + 1) * 144]
+        expected = image.permute(1, 2, 0).numpy().repeat(6, axis=0).repeat(6, axis=1)  # every pixel a 6x6 block
+        np.testing.assert_array_equal(tile, expected)
+    assert (grid[144:, 144:] == 0).all()  # the empty fourth cell stays black
+    save_image_grid(images, str(tmp_path / 'large.png'), cols=3, min_tile=16)  # already wide enough: 1:1
+    assert PIL.Image.open(tmp_path / 'large.png').size == (72, 24)

@@ -84,7 +84,7 @@ def test_encode_store_load_train_generate_decode(files, tmp_path):
     run_dir = h.only_run_dir(str(tmp_path / 'runs'))
     assert 'patch0.5-latent' in run_dir
     with PIL.Image.open(os.path.join(run_dir, 'preview-000000.png')) as preview:
-        assert preview.size == (8 * RES, 8 * RES)  # 64 decoded 32x32 images
+        assert preview.size == (8 * 128, 8 * 128)  # 64 decoded 32x32 images, each shown 128 px wide
 
     grid = tmp_path / 'grid.png'
     proc = subprocess.run([h.PYTHON, os.path.join(h.REPO, 'generate.py'), f'--network={run_dir}', '--seeds=0-5',
