@@ -1,11 +1,11 @@
 """The built-in demo data set: mirror-symmetric images of shapes that all share one colour per image.
 
-Each image is black with one or two filled shapes (disk, square, triangle) drawn on its left side and
-mirrored onto its right side, so the whole image is symmetric about its vertical centre line, and every
-shape has the same saturated colour, picked per image. Getting either property right needs the whole
-picture: a pixel's mirror partner is far away, and a patch that shows part of one shape must agree in
-colour with shapes it cannot see. The label is the colour's hue sector (0 red, 1 yellow, 2 green, 3 cyan,
-4 blue, 5 magenta). Image i depends only on (seed, i), so any prefix of the set is the same.
+Each image is black with one filled shape (disk, square or triangle, 12 to 18 pixels wide at 32x32) drawn
+in its left half and mirrored onto its right half, so the whole image is symmetric about its vertical centre
+line, and both copies have the same pure colour (red, green or blue), picked per image. Getting either
+property right needs the whole picture: a pixel's mirror partner is far away, and a patch that shows one copy
+must agree in colour and shape with the copy it cannot see. The label is the colour (0 red, 1 green, 2 blue).
+Image i depends only on (seed, i), so any prefix of the set is the same.
 """
 
 import colorsys
@@ -16,32 +16,30 @@ import torch
 
 from training.images import to_float
 
-NUM_CLASSES = 6
-FOREGROUND_THRESHOLD = 96  # uint8 level above which a pixel counts as part of a shape (background is 0)
-COLOUR_TOLERANCE = 0.25    # max deviation of a pixel's chromaticity from the image's median colour
-HELDOUT_START = 10 ** 7    # images from this index on are never in a data set that dataset_tool.py makes by default
+NUM_CLASSES = 3              # colours, evenly spaced in hue: red, green, blue
+FOREGROUND_THRESHOLD = 96    # uint8 level above which a pixel counts as part of a shape (background is 0)
+COLOUR_TOLERANCE = 0.25      # max deviation of a pixel's chromaticity from the image's median colour
+SHAPE_RADIUS = (0.18, 0.28)  # range of a shape's radius (half its width), in units of the image side
+HELDOUT_START = 10 ** 7      # images from this index on are never in a data set that dataset_tool.py makes by default
 
 
 def make_image(index: int, resolution: int = 32, seed: int = 0) -> Tuple[np.ndarray, int]:
-    """Image `index` of the demo set as a uint8 HWC array, with its hue-sector label."""
+    """Image `index` of the demo set as a uint8 HWC array, with its colour label."""
     rng = np.random.default_rng([seed, index])
     label = int(rng.integers(NUM_CLASSES))
-    hue = (label + rng.uniform(-0.25, 0.25)) / NUM_CLASSES % 1.0
-    colour = np.array(colorsys.hsv_to_rgb(hue, 1.0, 1.0))
+    colour = np.array(colorsys.hsv_to_rgb(label / NUM_CLASSES, 1.0, 1.0))
 
     centres = (np.arange(resolution) + 0.5) / resolution
     u, v = np.meshgrid(centres, centres)  # u: column, v: row, both in (0, 1)
-    mask = np.zeros((resolution, resolution), dtype=bool)
-    for _ in range(rng.integers(1, 3)):
-        kind = rng.integers(3)
-        cx, cy = rng.uniform(0.08, 0.5), rng.uniform(0.15, 0.85)
-        r = rng.uniform(0.12, 0.24)
-        if kind == 0:
-            mask |= (u - cx) ** 2 + (v - cy) ** 2 <= r ** 2
-        elif kind == 1:
-            mask |= (np.abs(u - cx) <= r) & (np.abs(v - cy) <= r)
-        else:
-            mask |= (v >= cy - r) & (v <= cy + r) & (np.abs(u - cx) <= (v - (cy - r)) / 2)
+    kind = rng.integers(3)
+    r = rng.uniform(SHAPE_RADIUS[0], SHAPE_RADIUS[1])
+    cx, cy = rng.uniform(r / 2, 0.5 - r / 4), rng.uniform(r, 1 - r)
+    if kind == 0:
+        mask = (u - cx) ** 2 + (v - cy) ** 2 <= r ** 2
+    elif kind == 1:
+        mask = (np.abs(u - cx) <= r) & (np.abs(v - cy) <= r)
+    else:
+        mask = (v >= cy - r) & (v <= cy + r) & (np.abs(u - cx) <= (v - (cy - r)) / 2)
     mask |= mask[:, ::-1]
 
     image = mask[:, :, np.newaxis] * np.round(colour * 255)
