@@ -1,138 +1,477 @@
-"""The p-ablation on the demo set: equal wall-clock budgets for full-image EDM and Patch Diffusion at several p.
+"""A multi-seed ablation of Patch Diffusion against full-image EDM at equal wall-clock budgets.
 
-Each configuration trains the `demo` preset with train.py for `--budget` seconds (then SIGTERM: the run
-saves its state and exits), writing a snapshot every tick. Afterwards every snapshot's EMA is scored by its
-held-out denoising loss on fresh demo images, and the last one by the coherence of `--samples` generated
-images. Writes a plot of held-out loss against wall-clock time, one sample grid per run, results.json, and
-a Markdown report (default docs/results.md, with its pictures in docs/ablation/). Runs one configuration at a time; the machine should be idle.
+Each arm (a set of train.py flags, see ARMS) trains `--seeds` times (train.py --seed=0..N-1) for `--budget` seconds
+of wall-clock time each (then SIGTERM: train.py saves its state and a snapshot and exits), with a snapshot every
+`--tick` kimg. `--jobs` runs train at once as separate processes with `--threads` threads each. The queue goes seed by
+seed (seed 0 of every arm, then seed 1, ...) and two runs of one arm never overlap, so every arm trains under the same
+machine load; pick --jobs so that it divides the number of runs, or the last ones train on a less busy machine.
+A finished run (its directory holds MARKER) is reused and an unfinished one is trained again, so rerunning the
+command of an interrupted study continues it.
 
-Run from the repository root:  python bench/ablation.py --data=datasets/shapes-32x32.zip --budget=300
+Scoring: the held-out loss (training.evaluate.heldout_loss, mean over its sigmas) of every snapshot on `--heldout`
+images (default: fresh demo images), against wall-clock seconds and kimg. Per arm: mean and standard deviation over
+seeds of the final kimg, the final held-out loss (equal time), the held-out loss at the fewest kimg any run reached
+(equal kimg, linear interpolation of each run's curve) and, on the demo set, the coherence of `--samples` samples of
+the last snapshot; per seed: the differences of final held-out loss between the arms of PAIRS. Writes results.json
+into --outdir, two plots and one sample grid per arm into --figures, and a Markdown report whose text after
+END_MARKER is kept when it is written again.
+
+Run from the repository root:  python bench/ablation.py --data=datasets/shapes-32x32.zip --budget=200 --jobs=2
 """
 
+import dataclasses
 import json
 import os
-import platform
+import shlex
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import click
+import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-from bench.common import line_plot  # noqa: E402
+from bench.common import environment, line_plot, write_json  # noqa: E402
 from training import demo_shapes  # noqa: E402
-from training.evaluate import heldout_loss  # noqa: E402
-from training.images import save_image_grid  # noqa: E402
+from training.dataset import DatasetError, ImageFolderDataset  # noqa: E402
+from training.evaluate import HELDOUT_SIGMAS, heldout_loss  # noqa: E402
+from training.images import save_image_grid, to_float  # noqa: E402
 from training.sampler import generate_images  # noqa: E402
-from training.snapshot import load_network  # noqa: E402
-
-CONFIGS = {'full': ['--patch=off'], 'p=1.0': ['--real_p=1.0'], 'p=0.5': ['--real_p=0.5'],
-           'p=0.25': ['--real_p=0.25'], 'p=0.0': ['--real_p=0.0']}
+from training.snapshot import atomic_write, load_network  # noqa: E402
 
 
-def train_for(name: str, data: str, run_dir: str, budget: float, tick_kimg: float, extra: List[str]) -> List[Dict]:
-    """Train one configuration for `budget` seconds; returns its stats.jsonl records."""
-    command = [sys.executable, 'train.py', '--preset=demo', f'--data={data}', f'--outdir={run_dir}', '--nosubdir', '--seed=0',
-               '--duration=1000', f'--tick={tick_kimg}', '--snap=1', '--dump=100000', '--preview=False', *CONFIGS[name], *extra]
-    print(f'[{name}] training for {budget:.0f} s: {" ".join(command[1:])}', flush=True)
-    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
-    with open(os.path.join(os.path.dirname(run_dir), 'train.log'), 'w') as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        start = time.time()
-        try:
-            process.wait(timeout=budget)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGTERM)
-            process.wait()
-    if process.returncode != 0:
-        raise click.ClickException(f'[{name}] train.py exited with {process.returncode}; see {log.name}')
+class Arm(NamedTuple):
+    """A configuration of the study: its label in the report and its train.py flags."""
+    label: str
+    flags: List[str]
+
+
+ARMS = {'full': Arm('full (EDM)', ['--patch=off']),
+        'p1.0': Arm('p=1.0', ['--real_p=1.0']),
+        'p0.5-image': Arm('p=0.5 image', ['--real_p=0.5', '--loss-norm=image']),
+        'p0.5-pixel': Arm('p=0.5 pixel', ['--real_p=0.5', '--loss-norm=pixel']),
+        'p0.25-pixel': Arm('p=0.25 pixel', ['--real_p=0.25', '--loss-norm=pixel']),
+        'progressive-pixel': Arm('progressive pixel', ['--real_p=0.5', '--progressive=True', '--loss-norm=pixel']),
+        'p0-pixel': Arm('p=0 pixel', ['--real_p=0', '--loss-norm=pixel'])}
+DEFAULT_ARMS = [name for name in ARMS if name != 'p1.0']
+PAIRS = [('p0.5-pixel', 'full'), ('p0.5-pixel', 'p0.5-image')]  # (a, b): per-seed final held-out loss of a minus b
+METRICS = ('kimg', 'heldout_loss', 'heldout_loss_at_kimg', 'coherence')  # per-run values summarised over seeds
+MARKER = 'ablation-finished.json'  # written into a run directory when its training ended well
+LOG = 'train.log'
+END_MARKER = '<!-- end of generated part -->'
+GRID_IMAGES = 64
+GRID_MIN_WIDTH = 128  # pixels per sample in the grids, enlarged by nearest neighbour
+POLL_S = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of the study: an arm with a seed, in its own directory."""
+    arm: str
+    seed: int
+    dir: str
+
+    def __str__(self) -> str:
+        return f'[{self.arm} seed {self.seed}]'
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """How every run trains: data, preset, extra train.py flags, snapshot interval, budget and threads."""
+    data: str
+    preset: str
+    tick: float
+    extra: Tuple[str, ...]
+    budget: float
+    threads: int
+    progressive_kimg: Optional[float]
+
+    def command(self, run: Run) -> List[str]:
+        """train.py's command line for a run."""
+        # The budget, not the duration, ends a run; but a progressive schedule is paced by the duration, so that arm
+        # gets the kimg it can reach in the budget, or it would spend all of it on the smallest patches.
+        progressive = '--progressive=True' in ARMS[run.arm].flags
+        duration = self.progressive_kimg / 1000 if progressive else 1000
+        return [sys.executable, os.path.join(ROOT, 'train.py'), f'--preset={self.preset}', f'--data={self.data}',
+                f'--outdir={run.dir}', '--nosubdir', f'--seed={run.seed}', f'--duration={duration:g}', f'--tick={self.tick}',
+                '--snap=1', '--dump=100000', '--preview=False', *ARMS[run.arm].flags, *self.extra]
+
+    def marker(self, run: Run) -> Dict:
+        """What a run's MARKER records and must match to be reused: train.py's arguments, budget and threads."""
+        return dict(command=self.command(run)[2:], budget=self.budget, threads=self.threads)
+
+
+# --- training -----------------------------------------------------------------------------------------------
+
+def study_runs(arms: Sequence[str], seeds: int, outdir: str) -> List[Run]:
+    """Every run in queue order: seed 0 of every arm, then seed 1, ..."""
+    return [Run(arm, seed, os.path.join(outdir, arm, f'seed{seed}')) for seed in range(seeds) for arm in arms]
+
+
+def read_marker(run: Run) -> Optional[Dict]:
+    """The MARKER of a finished run (one with stats.jsonl and a snapshot too), else None."""
+    files = [os.path.join(run.dir, name) for name in (MARKER, 'stats.jsonl')]
+    snapshots = os.path.isdir(run.dir) and any(name.endswith('.pkl') for name in os.listdir(run.dir))
+    if not (snapshots and all(os.path.isfile(path) for path in files)):
+        return None
+    with open(files[0]) as f:
+        return json.load(f)
+
+
+def to_train(runs: List[Run], setup: Setup, score_only: bool) -> List[Run]:
+    """The runs that need training: finished ones with the same settings are reused, unfinished ones removed."""
+    queue = []
+    for run in runs:
+        marker = read_marker(run)
+        if marker is not None:
+            changed = [key for key, value in setup.marker(run).items() if marker.get(key) != value]
+            if changed:
+                raise click.ClickException(f'{run.dir} was trained with another {" and ".join(changed)}; '
+                                           f'repeat its options or pick another --outdir')
+            print(f'{run} reusing the finished run in {run.dir}', flush=True)
+        elif score_only:
+            raise click.ClickException(f'--score-only: {run.dir} holds no finished run; run without --score-only first')
+        else:
+            if os.path.exists(run.dir):
+                print(f'{run} removing the unfinished run in {run.dir}', flush=True)
+                shutil.rmtree(run.dir)
+            queue.append(run)
+    return queue
+
+
+@dataclasses.dataclass
+class Training:
+    """A run's train.py process, started at `start` (time.time()); `stopped` once it was sent SIGTERM."""
+    run: Run
+    process: subprocess.Popen
+    start: float
+    stopped: bool = False
+
+
+def start(run: Run, setup: Setup) -> Training:
+    """Start train.py for a run with `setup.threads` OpenMP/MKL threads, its output going to LOG in its directory."""
+    command = setup.command(run)
+    print(f'{run} training for {setup.budget:g} s: {shlex.join(command[2:])}', flush=True)
+    os.makedirs(run.dir)
+    env = dict(os.environ, OMP_NUM_THREADS=str(setup.threads), MKL_NUM_THREADS=str(setup.threads))
+    with open(os.path.join(run.dir, LOG), 'w') as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return Training(run, process, time.time())
+
+
+def finish(training: Training, setup: Setup) -> None:
+    """Check that a run's train.py exited well and write its MARKER."""
+    run, end = training.run, time.time()
+    if training.process.returncode != 0:
+        raise click.ClickException(f'{run} train.py exited with {training.process.returncode}; see {os.path.join(run.dir, LOG)}')
+    marker = dict(setup.marker(run), start=training.start, end=end)
+    atomic_write(os.path.join(run.dir, MARKER), lambda f: f.write(json.dumps(marker, indent=2).encode()))
+    print(f'{run} finished: {read_stats(run.dir)[-1]["progress"]["kimg"]:.2f} kimg in {end - training.start:.0f} s', flush=True)
+
+
+def tend(training: Training, setup: Setup) -> bool:
+    """Send SIGTERM once the budget is spent; finish the run and return True when its process has exited."""
+    if training.process.poll() is not None:
+        finish(training, setup)
+        return True
+    if not training.stopped and time.time() - training.start >= setup.budget:
+        training.process.send_signal(signal.SIGTERM)
+        training.stopped = True
+    return False
+
+
+def train_all(queue: List[Run], setup: Setup, jobs: int) -> None:
+    """Train the queued runs in order, `jobs` at a time but never two of one arm at once."""
+    queue, live = list(queue), []
+    try:
+        while queue or live:
+            ready = [run for run in queue if run.arm not in {t.run.arm for t in live}]
+            if ready and len(live) < jobs:
+                queue.remove(ready[0])
+                live.append(start(ready[0], setup))
+                continue
+            time.sleep(POLL_S)
+            live = [training for training in live if not tend(training, setup)]
+    finally:
+        for training in live:  # after an error or Ctrl-C: stop the others (their runs stay unfinished)
+            training.process.terminate()
+            training.process.wait()
+
+
+# --- scoring ------------------------------------------------------------------------------------------------
+
+def read_stats(run_dir: str) -> List[Dict]:
+    """The stats.jsonl records of a run, one per tick."""
     with open(os.path.join(run_dir, 'stats.jsonl')) as f:
-        records = [json.loads(line) for line in f]
-    for record in records:
-        record['seconds'] = record['timestamp'] - start
-    return records
+        return [json.loads(line) for line in f]
 
 
-def evaluate(name: str, run_dir: str, records: List[Dict], heldout: torch.Tensor, samples: int, steps: int,
-             grid_path: str, device: torch.device) -> Dict:
-    """Held-out loss of every snapshot against its time, and coherence plus a grid for the last one."""
+def snapshot_points(run: Run) -> List[Dict]:
+    """Seconds since its process started, kimg and file of each snapshot of a run. train.py names snapshots by whole
+    kimg, so the final tick (at SIGTERM) overwrites the snapshot of an earlier tick that ended in the same kimg."""
+    start = read_marker(run)['start']
+    last = {int(record['progress']['kimg']): record for record in read_stats(run.dir)}
+    return [dict(seconds=record['timestamp'] - start, kimg=record['progress']['kimg'],
+                 path=os.path.join(run.dir, f'network-snapshot-{stem:06d}.pkl')) for stem, record in last.items()]
+
+
+def sample(net: torch.nn.Module, count: int, steps: int) -> torch.Tensor:
+    """uint8 samples for seeds 0..count-1, 64 at a time."""
+    device = next(net.parameters()).device
+    return torch.cat([generate_images(net, list(range(first, min(first + 64, count))), device, num_steps=steps).cpu()
+                      for first in range(0, count, 64)])
+
+
+def score_run(run: Run, heldout: torch.Tensor, samples: int, steps: int, coherence: bool, grid: Optional[str]) -> Dict:
+    """Held-out loss of each snapshot of a run; coherence of the last one's samples and their grid when asked."""
     curve = []
-    for record in records:
-        path = os.path.join(run_dir, f'network-snapshot-{int(record["progress"]["kimg"]):06d}.pkl')
-        if os.path.isfile(path):
-            loss = heldout_loss(load_network(path, device), heldout)['mean']
-            curve.append(dict(seconds=record['seconds'], kimg=record['progress']['kimg'], heldout_loss=loss))
-    net = load_network(run_dir, device)
-    images = torch.cat([generate_images(net, list(range(start, min(start + 64, samples))), device, num_steps=steps).cpu()
-                        for start in range(0, samples, 64)])
-    save_image_grid(images[:64], grid_path)
-    final = heldout_loss(net, heldout)
-    print(f'[{name}] kimg {curve[-1]["kimg"]:.1f}  held-out loss {final["mean"]:.4f}  '
-          f'coherence {demo_shapes.coherence_score(images):.3f}', flush=True)
-    return dict(curve=curve, kimg=curve[-1]['kimg'], heldout_loss=final, coherence=demo_shapes.coherence_score(images),
-                grid=grid_path)
+    for point in snapshot_points(run):
+        net = load_network(point.pop('path'))
+        losses = heldout_loss(net, heldout)
+        curve.append(dict(point, heldout_loss=losses['mean']))
+    result = dict(seed=run.seed, dir=run.dir, curve=curve, kimg=curve[-1]['kimg'], seconds=curve[-1]['seconds'],
+                  heldout_loss=losses['mean'], heldout_loss_by_sigma=losses)
+    if coherence or grid:
+        images = sample(net, samples if coherence else min(samples, GRID_IMAGES), steps)
+        if coherence:
+            result['coherence'] = demo_shapes.coherence_score(images)
+        if grid:
+            save_image_grid(images[:GRID_IMAGES], grid, min_tile=GRID_MIN_WIDTH)
+    print(f'{run} scored {len(curve)} snapshots: {result["kimg"]:.2f} kimg, final held-out loss {result["heldout_loss"]:.4f}'
+          + (f', coherence {result["coherence"]:.3f}' if coherence else ''), flush=True)
+    return result
 
 
-def write_report(path: str, results: Dict[str, Dict], plot: str, budget: float, samples: int, steps: int) -> None:
-    """The Markdown report: setup, table, plot and grids."""
-    folder = os.path.dirname(os.path.abspath(path))
-    rel = lambda p: os.path.relpath(p, folder)  # noqa: E731
-    lines = ['# p-ablation on the demo set', '',
-             f'Made by `python bench/ablation.py` on {platform.processor() or platform.machine()} ({os.cpu_count()} CPUs), '
-             f'torch {torch.__version__}. Each run trains the `demo` preset (tiny DDPM++, 32x32, see configs/demo.json) for the same '
-             f'wall-clock budget of {budget:.0f} s on CPU (plus any --extra options), then is scored: held-out loss = EDM-weighted denoising loss of the EMA '
-             f'on 512 fresh demo images at sigma in {{0.05, 0.2, 0.5, 1, 2, 5}} (mean); coherence = `coherence_score` of '
-             f'{samples} samples ({steps} Heun steps; 1.0 = every sample mirror-symmetric and one-coloured).', '',
-             '| run | kimg trained | held-out loss | coherence |', '| --- | --- | --- | --- |']
-    lines += [f'| {name} | {r["kimg"]:.1f} | {r["heldout_loss"]["mean"]:.4f} | {r["coherence"]:.3f} |' for name, r in results.items()]
-    lines += ['', f'![held-out loss against wall-clock time]({rel(plot)})', '', '| ' + ' | '.join(results) + ' |',
-              '| ' + ' | '.join('---' for _ in results) + ' |',
-              '| ' + ' | '.join(f'![{name}]({rel(r["grid"])})' for name, r in results.items()) + ' |', '']
+def interpolate(curve: Sequence[Tuple[float, float]], x: float) -> float:
+    """y of a piecewise-linear curve of (x, y) points with increasing x at x (its end values beyond its ends)."""
+    xs, ys = zip(*curve)
+    return float(np.interp(x, xs, ys))
+
+
+def band(curves: Sequence[Sequence[Tuple[float, float]]]) -> List[Tuple[float, float, float, float]]:
+    """(x, mean, min, max) of the curves' y, interpolated at every x of any curve inside the range that all cover."""
+    low, high = max(curve[0][0] for curve in curves), min(curve[-1][0] for curve in curves)
+    xs = sorted({x for curve in curves for x, _ in curve if low <= x <= high})
+    rows = [(x, [interpolate(curve, x) for curve in curves]) for x in xs]
+    return [(x, statistics.mean(ys), min(ys), max(ys)) for x, ys in rows]
+
+
+def mean_std(values: Sequence[float]) -> Dict[str, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    return dict(mean=statistics.mean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def curve_of(result: Dict, x_key: str) -> List[Tuple[float, float]]:
+    """A run's (seconds or kimg, held-out loss) points."""
+    return [(point[x_key], point['heldout_loss']) for point in result['curve']]
+
+
+def summarise(arm: str, runs: List[Dict], common_kimg: float, grid: str) -> Dict:
+    """An arm's runs with their loss at `common_kimg`, the mean and std of METRICS over seeds, and the bands."""
+    for result in runs:
+        result['heldout_loss_at_kimg'] = interpolate(curve_of(result, 'kimg'), common_kimg)
+    return dict(label=ARMS[arm].label, flags=ARMS[arm].flags, runs=runs, grid=grid,
+                summary={key: mean_std([result[key] for result in runs]) for key in METRICS if key in runs[0]},
+                bands={x_key: band([curve_of(result, x_key) for result in runs]) for x_key in ('seconds', 'kimg')})
+
+
+def paired(arms: Dict[str, Dict]) -> List[Dict]:
+    """Per-seed differences of final held-out loss for each pair of PAIRS whose arms both ran (negative favours a)."""
+    pairs = []
+    for a, b in PAIRS:
+        if a in arms and b in arms:
+            differences = [ra['heldout_loss'] - rb['heldout_loss'] for ra, rb in zip(arms[a]['runs'], arms[b]['runs'])]
+            pairs.append(dict(a=a, b=b, differences=differences, **mean_std(differences),
+                              a_better=sum(d < 0 for d in differences), b_better=sum(d > 0 for d in differences)))
+    return pairs
+
+
+def score_study(runs: List[Run], heldout: torch.Tensor, samples: int, steps: int, coherence: bool,
+                figures: str) -> Tuple[Dict[str, Dict], float]:
+    """Every run scored, summarised per arm, and the common kimg of the equal-kimg comparison."""
+    grids = {arm: os.path.join(figures, f'grid-{arm}.png') for arm in dict.fromkeys(run.arm for run in runs)}
+    scored = {run: score_run(run, heldout, samples, steps, coherence, grids[run.arm] if run.seed == 0 else None) for run in runs}
+    common_kimg = min(result['kimg'] for result in scored.values())
+    arms = {arm: [scored[run] for run in sorted(runs, key=lambda r: r.seed) if run.arm == arm] for arm in grids}
+    return {arm: summarise(arm, results, common_kimg, grids[arm]) for arm, results in arms.items()}, common_kimg
+
+
+# --- plots and report ---------------------------------------------------------------------------------------
+
+def plot(arms: Dict[str, Dict], x_key: str, xlabel: str, path: str, seeds: int) -> None:
+    """Held-out loss against seconds or kimg: the mean over seeds per arm, shaded from the min to the max."""
+    bands = {arm['label']: arm['bands'][x_key] for arm in arms.values()}
+    line_plot({label: [(x, mean) for x, mean, _, _ in rows] for label, rows in bands.items()}, path, xlabel,
+              f'held-out loss (line: mean of {seeds} seeds; band: min..max)',
+              bands={label: [(x, low, high) for x, _, low, high in rows] for label, rows in bands.items()})
+
+
+def kept_text(path: str) -> str:
+    """What follows END_MARKER in an existing report (from the marker's line end on), '\\n' for a new one."""
+    if not os.path.exists(path):
+        return '\n'
+    with open(path) as f:
+        _, marker, tail = f.read().partition(END_MARKER)
+    if not marker:
+        raise click.BadParameter(f'{path} has no line "{END_MARKER}" to keep the text after; add it or remove the file',
+                                 param_hint='--report')
+    return tail
+
+
+def pm(value: Optional[Dict[str, float]], digits: int) -> str:
+    """'mean ± std' of a mean_std() value, '-' for None."""
+    return '-' if value is None else f'{value["mean"]:.{digits}f} ± {value["std"]:.{digits}f}'
+
+
+def setup_text(study: Dict) -> List[str]:
+    """The report's title and setup paragraph."""
+    env, extra = study['environment'], f' plus `{study["extra"]}`' if study['extra'] else ''
+    coherence = (f' Coherence = `demo_shapes.coherence_score` of {study["samples"]} samples of the last snapshot '
+                 f'({study["steps"]} Heun steps; 1.0 = every sample mirror-symmetric and one-coloured).') if study['coherence'] else ''
+    late = sum(run['curve'][0]['kimg'] > study['common_kimg'] for arm in study['arms'].values() for run in arm['runs'])
+    late_text = f' {late} run(s) have their first snapshot after it and take that snapshot\'s loss.' if late else ''
+    return [f'# Patch Diffusion ablation on `{study["data"]}`', '',
+            f'Made by `{study["command"]}` on {env["cpu"]} ({env["cpu_count"]} CPUs), torch {env["torch"]}. Every arm trains '
+            f'the `{study["preset"]}` preset (configs/{study["preset"]}.json){extra} with its flags below, once per seed '
+            f'0..{study["seeds"] - 1}, for {study["budget"]:g} s of wall-clock time from the start of its process, with a '
+            f'snapshot every {study["tick"]:g} kimg. {study["jobs"]} run(s) train at once with {study["threads"]} thread(s) '
+            f'each, seed by seed, never two of one arm together. Held-out loss = EDM-weighted denoising loss of the EMA on '
+            f'{study["heldout"]} at sigma in {{{", ".join(f"{s:g}" for s in HELDOUT_SIGMAS)}}} (mean).{coherence} '
+            f'Values are mean ± sample standard deviation over the seeds. Equal time = the last snapshot (after the '
+            f'budget); equal kimg = each run\'s held-out loss curve interpolated linearly at {study["common_kimg"]:.2f} kimg, '
+            f'the fewest kimg any run reached.{late_text}', '']
+
+
+def arm_table(study: Dict) -> List[str]:
+    """One row per arm: flags, kimg, held-out loss at equal time and equal kimg, coherence."""
+    lines = [f'| arm | flags | kimg | held-out loss, equal time | held-out loss at {study["common_kimg"]:.2f} kimg | coherence |',
+             '| --- | --- | --- | --- | --- | --- |']
+    for arm in study['arms'].values():
+        s = arm['summary']
+        lines.append(f'| {arm["label"]} | `{" ".join(arm["flags"])}` | {pm(s["kimg"], 1)} | {pm(s["heldout_loss"], 4)} | '
+                     f'{pm(s["heldout_loss_at_kimg"], 4)} | {pm(s.get("coherence"), 3)} |')
+    return lines + ['']
+
+
+def paired_text(study: Dict) -> List[str]:
+    """The per-seed comparisons of PAIRS, when any ran."""
+    if not study['paired']:
+        return []
+    label = lambda name: study['arms'][name]['label']  # noqa: E731
+    lines = ['## Paired by seed', '', 'Final held-out loss (equal time) of A minus that of B with the same seed; '
+             'negative favours A.', '', '| A − B | mean ± std | per seed | seeds favouring A | seeds favouring B |',
+             '| --- | --- | --- | --- | --- |']
+    lines += [f'| {label(p["a"])} − {label(p["b"])} | {pm(p, 4)} | {", ".join(f"{d:+.4f}" for d in p["differences"])} | '
+              f'{p["a_better"]} | {p["b_better"]} |' for p in study['paired']]
+    return lines + ['']
+
+
+def write_report(path: str, study: Dict) -> None:
+    """The Markdown report: setup, table, paired comparison, plots and grids, then the kept text."""
+    tail = kept_text(path)
+    rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(path)))  # noqa: E731
+    arms = study['arms'].values()
+    lines = setup_text(study) + arm_table(study) + paired_text(study) + [
+        '## Held-out loss', '', 'Lines: mean over seeds, where every seed has a snapshot (interpolated linearly); '
+        'shaded: min..max over seeds.', '', f'![held-out loss against wall-clock time]({rel(study["plots"]["seconds"])})', '',
+        f'![held-out loss against kimg]({rel(study["plots"]["kimg"])})', '', '## Samples (seed 0, last snapshot)', '',
+        '| ' + ' | '.join(arm['label'] for arm in arms) + ' |', '| ' + ' | '.join('---' for _ in arms) + ' |',
+        '| ' + ' | '.join(f'![{arm["label"]}]({rel(arm["grid"])})' for arm in arms) + ' |', '', END_MARKER]
     with open(path, 'w') as f:
-        f.write('\n'.join(lines))
+        f.write('\n'.join(lines) + tail)
+
+
+# --- command line -------------------------------------------------------------------------------------------
+
+def parse_arms(value: str) -> List[str]:
+    """Arm names from a comma-separated list; a click error names unknown ones."""
+    names = value.split(',')
+    unknown = [name for name in names if name not in ARMS]
+    if unknown:
+        raise click.BadParameter(f'unknown arm(s) {", ".join(unknown)}; choose from {", ".join(ARMS)}', param_hint='--arms')
+    return names
+
+
+def open_dataset(path: str, flag: str) -> ImageFolderDataset:
+    """An image data set; a click error naming `flag` when it cannot be read."""
+    try:
+        return ImageFolderDataset(path)
+    except DatasetError as err:
+        raise click.BadParameter(str(err), param_hint=flag) from None
+
+
+def heldout_set(path: Optional[str], num: int, data: ImageFolderDataset) -> Tuple[torch.Tensor, str]:
+    """Held-out images in [-1, 1] and their description: the first `num` of `path`, else `num` fresh demo images."""
+    if path is None:
+        return demo_shapes.heldout_images(num, data.resolution), f'{num} fresh demo images (`demo_shapes.heldout_images`)'
+    dataset = open_dataset(path, '--heldout')
+    if dataset.image_shape != data.image_shape:
+        raise click.BadParameter(f'{path}: images are {dataset.image_shape} (CHW), --data\'s are {data.image_shape}',
+                                 param_hint='--heldout')
+    count = min(num, len(dataset))
+    return to_float(torch.from_numpy(np.stack([dataset[i][0] for i in range(count)]))), f'the first {count} images of `{path}`'
 
 
 @click.command()
-@click.option('--data', help='The demo data set (dataset_tool.py --source=demo:shapes --resolution=32x32)', metavar='ZIP', required=True)
-@click.option('--outdir', help='Where the runs go', metavar='DIR', default='bench-out/ablation', show_default=True)
-@click.option('--report', help='Markdown report to write', metavar='MD', default='docs/results.md', show_default=True)
-@click.option('--budget', help='Wall-clock seconds of training per run', metavar='SEC', type=click.FloatRange(min=10), default=300,
-              show_default=True)
-@click.option('--tick', 'tick_kimg', help='Snapshot interval', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=4,
-              show_default=True)
-@click.option('--configs', help='Runs to do', metavar='LIST', default=','.join(CONFIGS), show_default=True)
-@click.option('--samples', help='Generated images for coherence', metavar='INT', type=click.IntRange(min=1), default=256, show_default=True)
-@click.option('--steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--data', help='Training data set, e.g. the demo set (dataset_tool.py --source=demo:shapes --resolution=32x32)', metavar='ZIP|DIR', required=True)
+@click.option('--heldout', help='Images to score the held-out loss on  [default: fresh demo images]', metavar='ZIP|DIR')
+@click.option('--heldout-num', help='Held-out images at most', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
+@click.option('--arms', 'arm_list', help=f'Arms to run, from {", ".join(ARMS)}', metavar='LIST', default=','.join(DEFAULT_ARMS), show_default=True)
+@click.option('--seeds', help='Runs per arm, with train.py --seed=0..N-1', metavar='N', type=click.IntRange(min=1), default=3, show_default=True)
+@click.option('--jobs', help='Runs that train at once', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--threads', help='OpenMP/MKL threads per run  [default: CPUs // --jobs]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--budget', help='Wall-clock seconds of training per run', metavar='SEC', type=click.FloatRange(min=10), default=300, show_default=True)
+@click.option('--tick', 'tick_kimg', help='Snapshot interval (train.py names snapshots by whole kimg)', metavar='KIMG', type=click.FloatRange(min=1), default=4, show_default=True)
+@click.option('--progressive-kimg', help='Duration of progressive arms: about the kimg p=0.5 reaches in --budget', metavar='KIMG', type=click.FloatRange(min=0, min_open=True))
+@click.option('--preset', help='train.py --preset of every run', metavar='NAME', default='demo', show_default=True)
 @click.option('--extra', help='More train.py options for every run, e.g. "--batch=16"', metavar='STR', default='')
-def main(data: str, outdir: str, report: str, budget: float, tick_kimg: float, configs: str, samples: int, steps: int, extra: str) -> None:
-    """Train each configuration for the same wall-clock time, then score and plot them."""
-    names = configs.split(',')
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise click.BadParameter(f'unknown run(s) {unknown}; choose from {", ".join(CONFIGS)}', param_hint='--configs')
-    if not os.path.exists(data):
-        raise click.BadParameter(f'{data} does not exist; make it with dataset_tool.py --source=demo:shapes', param_hint='--data')
-    device = torch.device('cpu')
-    figures = os.path.join(os.path.dirname(os.path.abspath(report)), 'ablation')
-    heldout = demo_shapes.heldout_images(512, 32)
-    results = {}
-    for name in names:
-        run_dir = os.path.join(outdir, name, 'run')
-        if os.path.isdir(run_dir):
-            raise click.ClickException(f'{run_dir} exists; remove {outdir} or pick another --outdir')
-        records = train_for(name, data, run_dir, budget, tick_kimg, extra.split())
-        results[name] = evaluate(name, run_dir, records, heldout, samples, steps, os.path.join(figures, f'grid-{name}.png'), device)
-    plot = os.path.join(figures, 'heldout-loss.png')
-    line_plot({n: [(p['seconds'], p['heldout_loss']) for p in r['curve']] for n, r in results.items()}, plot,
-              'wall-clock seconds', 'held-out loss')
-    with open(os.path.join(outdir, 'results.json'), 'w') as f:
-        json.dump(dict(budget=budget, samples=samples, steps=steps, torch=torch.__version__, results=results), f, indent=2)
-    write_report(report, results, plot, budget, samples, steps)
-    print(f'Wrote {report}, {plot} and {os.path.join(outdir, "results.json")}')
+@click.option('--coherence/--no-coherence', help='Score samples by demo_shapes.coherence_score  [default: without --heldout]', default=None)
+@click.option('--samples', help='Generated images per run for coherence (the grids show up to 64)', metavar='INT', type=click.IntRange(min=1), default=256, show_default=True)
+@click.option('--steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--outdir', help='Where the runs and results.json go', metavar='DIR', default='bench-out/ablation', show_default=True)
+@click.option('--report', help='Markdown report to write', metavar='MD', default='docs/results.md', show_default=True)
+@click.option('--figures', help='Folder for the plots and grids  [default: ablation/ next to --report]', metavar='DIR')
+@click.option('--score-only', help='Score the finished runs in --outdir again, training nothing', is_flag=True)
+@click.pass_context
+def main(ctx: click.Context, data: str, heldout: Optional[str], heldout_num: int, arm_list: str, seeds: int, jobs: int,
+         threads: Optional[int], budget: float, tick_kimg: float, progressive_kimg: Optional[float], preset: str, extra: str, coherence: Optional[bool],
+         samples: int, steps: int, outdir: str, report: str, figures: Optional[str], score_only: bool) -> None:
+    """Train every arm with every seed for the same wall-clock time, then score, plot and report them."""
+    arms = parse_arms(arm_list)
+    if jobs > len(arms):
+        raise click.BadParameter(f'{jobs} runs at once need as many arms, and {len(arms)} are selected', param_hint='--jobs')
+    if progressive_kimg is None and any('--progressive=True' in ARMS[arm].flags for arm in arms):
+        raise click.BadParameter('a progressive arm is paced by its duration: give about the kimg that p=0.5 reaches in '
+                                 '--budget (the p0.5-pixel arm alone shows it)', param_hint='--progressive-kimg')
+    dataset = open_dataset(data, '--data')
+    heldout_images, heldout_text = heldout_set(heldout, heldout_num, dataset)
+    coherence = heldout is None if coherence is None else coherence
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    figures = figures or os.path.join(os.path.dirname(os.path.abspath(report)), 'ablation')
+    kept_text(report)  # a report without END_MARKER fails now, not after the training
+    setup = Setup(data, preset, tick_kimg, tuple(shlex.split(extra)), budget, threads, progressive_kimg)
+    runs = study_runs(arms, seeds, outdir)
+    train_all(to_train(runs, setup, score_only), setup, jobs)
+
+    torch.set_num_threads(jobs * threads)
+    arm_results, common_kimg = score_study(runs, heldout_images, samples, steps, coherence, figures)
+    plots = {x_key: os.path.join(figures, f'heldout-loss-{x_key}.png') for x_key in ('seconds', 'kimg')}
+    for x_key, xlabel in (('seconds', 'wall-clock seconds'), ('kimg', 'kimg')):
+        plot(arm_results, x_key, xlabel, plots[x_key], seeds)
+    study = dict(command='python ' + shlex.join(sys.argv), options=ctx.params, environment=environment(torch.device('cpu')),
+                 data=data, heldout=heldout_text, preset=preset, extra=extra, seeds=seeds, jobs=jobs, threads=threads,
+                 budget=budget, tick=tick_kimg, coherence=coherence, samples=samples, steps=steps, common_kimg=common_kimg,
+                 plots=plots, arms=arm_results, paired=paired(arm_results))
+    write_json(os.path.join(outdir, 'results.json'), study)
+    write_report(report, study)
+    print(f'Wrote {report}, {figures} and {os.path.join(outdir, "results.json")}', flush=True)
 
 
 if __name__ == '__main__':

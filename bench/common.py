@@ -159,14 +159,22 @@ def write_json(path: str, data: Dict[str, Any]) -> None:
         f.write('\n')
 
 
+def _lighten(colour: str, share: float = 0.25) -> str:
+    """A '#rrggbb' colour mixed with white, keeping `share` of the colour."""
+    rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    return '#' + ''.join(f'{round(255 - (255 - c) * share):02x}' for c in rgb)
+
 
 def line_plot(series: Dict[str, Sequence[Tuple[float, float]]], path: str, xlabel: str, ylabel: str,
-              size: Tuple[int, int] = (720, 440)) -> None:
-    """Draw named (x, y) series as a PNG line chart with axes, ticks and a legend (Pillow only)."""
+              size: Tuple[int, int] = (720, 440), bands: Optional[Dict[str, Sequence[Tuple[float, float, float]]]] = None) -> None:
+    """Draw named (x, y) series as a PNG line chart with axes, ticks and a legend (Pillow only); `bands` shades
+    (x, low, high) ranges behind the series of the same name in a light version of its colour."""
     import PIL.Image
     import PIL.ImageDraw
     colours = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#17becf']
+    bands = bands or {}
     points = [p for values in series.values() for p in values]
+    points += [(x, y) for values in bands.values() for x, low, high in values for y in (low, high)]
     x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
     y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
@@ -179,6 +187,10 @@ def line_plot(series: Dict[str, Sequence[Tuple[float, float]]], path: str, xlabe
         return (left + (x - x0) / (x1 - x0) * (width - left - right),
                 height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
 
+    for k, name in enumerate(series):
+        if len(bands.get(name, [])) > 1:
+            edge = [to_px(x, high) for x, _, high in bands[name]] + [to_px(x, low) for x, low, _ in reversed(bands[name])]
+            draw.polygon(edge, fill=_lighten(colours[k % len(colours)]))
     draw.rectangle([left, top, width - right, height - bottom], outline='black')
     for i in range(6):
         xv, yv = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
