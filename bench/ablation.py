@@ -229,10 +229,17 @@ def sample(net: torch.nn.Module, count: int, steps: int) -> torch.Tensor:
                       for first in range(0, count, 64)])
 
 
-def score_run(run: Run, heldout: torch.Tensor, samples: int, steps: int, coherence: bool, grid: Optional[str]) -> Dict:
-    """Held-out loss of each snapshot of a run; coherence of the last one's samples and their grid when asked."""
+def thin(points: List[Dict], most: int) -> List[Dict]:
+    """At most `most` of a run's snapshot points: every k-th, counted back from the last, which is always kept."""
+    step = -(-len(points) // most)
+    return points[::-1][::step][::-1]
+
+
+def score_run(run: Run, heldout: torch.Tensor, samples: int, steps: int, coherence: bool, grid: Optional[str],
+              points: int) -> Dict:
+    """Held-out loss of (at most `points`) snapshots of a run; coherence of the last one's samples and their grid when asked."""
     curve = []
-    for point in snapshot_points(run):
+    for point in thin(snapshot_points(run), points):
         net = load_network(point.pop('path'))
         losses = heldout_loss(net, heldout)
         curve.append(dict(point, heldout_loss=losses['mean']))
@@ -294,10 +301,11 @@ def paired(arms: Dict[str, Dict]) -> List[Dict]:
 
 
 def score_study(runs: List[Run], heldout: torch.Tensor, samples: int, steps: int, coherence: bool,
-                figures: str) -> Tuple[Dict[str, Dict], float]:
+                figures: str, points: int) -> Tuple[Dict[str, Dict], float]:
     """Every run scored, summarised per arm, and the common kimg of the equal-kimg comparison."""
     grids = {arm: os.path.join(figures, f'grid-{arm}.png') for arm in dict.fromkeys(run.arm for run in runs)}
-    scored = {run: score_run(run, heldout, samples, steps, coherence, grids[run.arm] if run.seed == 0 else None) for run in runs}
+    scored = {run: score_run(run, heldout, samples, steps, coherence, grids[run.arm] if run.seed == 0 else None, points)
+              for run in runs}
     common_kimg = min(result['kimg'] for result in scored.values())
     arms = {arm: [scored[run] for run in sorted(runs, key=lambda r: r.seed) if run.arm == arm] for arm in grids}
     return {arm: summarise(arm, results, common_kimg, grids[arm]) for arm, results in arms.items()}, common_kimg
@@ -341,7 +349,8 @@ def setup_text(study: Dict) -> List[str]:
             f'Made by `{study["command"]}` on {env["cpu"]} ({env["cpu_count"]} CPUs), torch {env["torch"]}. Every arm trains '
             f'the `{study["preset"]}` preset (configs/{study["preset"]}.json){extra} with its flags below, once per seed '
             f'0..{study["seeds"] - 1}, for {study["budget"]:g} s of wall-clock time from the start of its process, with a '
-            f'snapshot every {study["tick"]:g} kimg. {study["jobs"]} run(s) train at once with {study["threads"]} thread(s) '
+            f'snapshot every {study["tick"]:g} kimg (at most {study["points"]} per run are scored: every k-th, back from the '
+            f'last). {study["jobs"]} run(s) train at once with {study["threads"]} thread(s) '
             f'each, seed by seed, never two of one arm together. Held-out loss = EDM-weighted denoising loss of the EMA on '
             f'{study["heldout"]} at sigma in {{{", ".join(f"{s:g}" for s in HELDOUT_SIGMAS)}}} (mean).{coherence} '
             f'Values are mean ± sample standard deviation over the seeds. Equal time = the last snapshot (after the '
@@ -438,11 +447,12 @@ def heldout_set(path: Optional[str], num: int, data: ImageFolderDataset) -> Tupl
 @click.option('--outdir', help='Where the runs and results.json go', metavar='DIR', default='bench-out/ablation', show_default=True)
 @click.option('--report', help='Markdown report to write', metavar='MD', default='docs/results.md', show_default=True)
 @click.option('--figures', help='Folder for the plots and grids  [default: ablation/ next to --report]', metavar='DIR')
+@click.option('--points', help='Snapshots scored per run at most (every k-th, back from the last)', metavar='INT', type=click.IntRange(min=2), default=8, show_default=True)
 @click.option('--score-only', help='Score the finished runs in --outdir again, training nothing', is_flag=True)
 @click.pass_context
 def main(ctx: click.Context, data: str, heldout: Optional[str], heldout_num: int, arm_list: str, seeds: int, jobs: int,
          threads: Optional[int], budget: float, tick_kimg: float, progressive_kimg: Optional[float], preset: str, extra: str, coherence: Optional[bool],
-         samples: int, steps: int, outdir: str, report: str, figures: Optional[str], score_only: bool) -> None:
+         samples: int, steps: int, points: int, outdir: str, report: str, figures: Optional[str], score_only: bool) -> None:
     """Train every arm with every seed for the same wall-clock time, then score, plot and report them."""
     arms = parse_arms(arm_list)
     if jobs > len(arms):
@@ -461,13 +471,13 @@ def main(ctx: click.Context, data: str, heldout: Optional[str], heldout_num: int
     train_all(to_train(runs, setup, score_only), setup, jobs)
 
     torch.set_num_threads(jobs * threads)
-    arm_results, common_kimg = score_study(runs, heldout_images, samples, steps, coherence, figures)
+    arm_results, common_kimg = score_study(runs, heldout_images, samples, steps, coherence, figures, points)
     plots = {x_key: os.path.join(figures, f'heldout-loss-{x_key}.png') for x_key in ('seconds', 'kimg')}
     for x_key, xlabel in (('seconds', 'wall-clock seconds'), ('kimg', 'kimg')):
         plot(arm_results, x_key, xlabel, plots[x_key], seeds)
     study = dict(command='python ' + shlex.join(sys.argv), options=ctx.params, environment=environment(torch.device('cpu')),
                  data=data, heldout=heldout_text, preset=preset, extra=extra, seeds=seeds, jobs=jobs, threads=threads,
-                 budget=budget, tick=tick_kimg, coherence=coherence, samples=samples, steps=steps, common_kimg=common_kimg,
+                 budget=budget, tick=tick_kimg, coherence=coherence, samples=samples, steps=steps, points=points, common_kimg=common_kimg,
                  plots=plots, arms=arm_results, paired=paired(arm_results))
     write_json(os.path.join(outdir, 'results.json'), study)
     write_report(report, study)

@@ -115,3 +115,10 @@ def test_unknown_arm_is_rejected(tmp_path):
 def test_progressive_arm_needs_its_duration(tmp_path):
     result = CliRunner().invoke(ablation.main, [f'--data={tmp_path}', '--arms=full,progressive-pixel'])
     assert result.exit_code == 2 and '--progressive-kimg' in result.output
+
+
+def test_thinning_keeps_the_last_snapshot_and_every_kth_before_it():
+    points = [dict(kimg=k) for k in range(10)]
+    kept = lambda most: [p['kimg'] for p in ablation.thin(points, most)]  # noqa: E731
+    assert kept(4) == [0, 3, 6, 9] and kept(5) == [1, 3, 5, 7, 9] and kept(10) == kept(99) == list(range(10))
+    assert kept(2) == [4, 9]

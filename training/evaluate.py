@@ -11,7 +11,7 @@ HELDOUT_SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 @torch.no_grad()
 def heldout_loss(net: torch.nn.Module, images: torch.Tensor, sigmas: Sequence[float] = HELDOUT_SIGMAS, seed: int = 0,
-                 batch: int = 256, sigma_data: float = 0.5) -> Dict[str, float]:
+                 batch: int = 64, sigma_data: float = 0.5) -> Dict[str, float]:
     """EDM-weighted denoising loss of `net` on whole images in [-1, 1], per fixed sigma and averaged over them.
 
     The noise is fixed by `seed`, so two networks scored on the same images see the same noisy inputs.
