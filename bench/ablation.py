@@ -64,6 +64,7 @@ DEFAULT_ARMS = [name for name in ARMS if name != 'p1.0']
 PAIRS = [('p0.5-pixel', 'full'), ('p0.5-pixel', 'p0.5-image')]  # (a, b): per-seed final held-out loss of a minus b
 METRICS = ('kimg', 'heldout_loss', 'heldout_loss_at_kimg', 'coherence')  # per-run values summarised over seeds
 MARKER = 'ablation-finished.json'  # written into a run directory when its training ended well
+SCORES = 'ablation-scores.json'    # a run's scores and what they were computed with
 LOG = 'train.log'
 END_MARKER = '<!-- end of generated part -->'
 GRID_IMAGES = 64
@@ -236,8 +237,16 @@ def thin(points: List[Dict], most: int) -> List[Dict]:
 
 
 def score_run(run: Run, heldout: torch.Tensor, samples: int, steps: int, coherence: bool, grid: Optional[str],
-              points: int) -> Dict:
-    """Held-out loss of (at most `points`) snapshots of a run; coherence of the last one's samples and their grid when asked."""
+              points: int, key: Dict) -> Dict:
+    """Held-out loss of (at most `points`) snapshots of a run; coherence of the last one's samples and their grid when asked.
+
+    The result is kept in the run's SCORES file under `key` (what the scores depend on), so scoring the same run the
+    same way again, for example in a second process scoring other arms, costs nothing.
+    """
+    cached = read_json(os.path.join(run.dir, SCORES))
+    if cached is not None and cached['key'] == key and (grid is None or os.path.isfile(grid)):
+        print(f'{run} scores reused', flush=True)
+        return cached['result']
     curve = []
     for point in thin(snapshot_points(run), points):
         net = load_network(point.pop('path'))
@@ -253,7 +262,16 @@ def score_run(run: Run, heldout: torch.Tensor, samples: int, steps: int, coheren
             save_image_grid(images[:GRID_IMAGES], grid, min_tile=GRID_MIN_WIDTH)
     print(f'{run} scored {len(curve)} snapshots: {result["kimg"]:.2f} kimg, final held-out loss {result["heldout_loss"]:.4f}'
           + (f', coherence {result["coherence"]:.3f}' if coherence else ''), flush=True)
+    atomic_write(os.path.join(run.dir, SCORES), lambda f: f.write(json.dumps(dict(key=key, result=result)).encode('utf-8')))
     return result
+
+
+def read_json(path: str) -> Optional[Dict]:
+    """The JSON object in a file, or None where there is no such file."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def interpolate(curve: Sequence[Tuple[float, float]], x: float) -> float:
@@ -301,11 +319,11 @@ def paired(arms: Dict[str, Dict]) -> List[Dict]:
 
 
 def score_study(runs: List[Run], heldout: torch.Tensor, samples: int, steps: int, coherence: bool,
-                figures: str, points: int) -> Tuple[Dict[str, Dict], float]:
+                figures: str, points: int, key: Dict) -> Tuple[Dict[str, Dict], float]:
     """Every run scored, summarised per arm, and the common kimg of the equal-kimg comparison."""
     grids = {arm: os.path.join(figures, f'grid-{arm}.png') for arm in dict.fromkeys(run.arm for run in runs)}
-    scored = {run: score_run(run, heldout, samples, steps, coherence, grids[run.arm] if run.seed == 0 else None, points)
-              for run in runs}
+    scored = {run: score_run(run, heldout, samples, steps, coherence, grids[run.arm] if run.seed == 0 else None, points,
+                             key) for run in runs}
     common_kimg = min(result['kimg'] for result in scored.values())
     arms = {arm: [scored[run] for run in sorted(runs, key=lambda r: r.seed) if run.arm == arm] for arm in grids}
     return {arm: summarise(arm, results, common_kimg, grids[arm]) for arm, results in arms.items()}, common_kimg
@@ -471,7 +489,8 @@ def main(ctx: click.Context, data: str, heldout: Optional[str], heldout_num: int
     train_all(to_train(runs, setup, score_only), setup, jobs)
 
     torch.set_num_threads(jobs * threads)
-    arm_results, common_kimg = score_study(runs, heldout_images, samples, steps, coherence, figures, points)
+    key = dict(heldout=heldout_text, samples=samples, steps=steps, coherence=coherence, points=points)
+    arm_results, common_kimg = score_study(runs, heldout_images, samples, steps, coherence, figures, points, key)
     plots = {x_key: os.path.join(figures, f'heldout-loss-{x_key}.png') for x_key in ('seconds', 'kimg')}
     for x_key, xlabel in (('seconds', 'wall-clock seconds'), ('kimg', 'kimg')):
         plot(arm_results, x_key, xlabel, plots[x_key], seeds)
