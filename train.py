@@ -23,7 +23,7 @@ from training.networks import check_patch_size
 from training.patch import PatchSchedule
 from training.presets import apply_defaults, training_preset
 from training.snapshot import SnapshotError, load_state, newest_state
-from training.training_loop import split_batch, state_loss_norm, training_loop
+from training.training_loop import LOSS_NORMS, split_batch, state_loss_norm, training_loop
 
 def parse_int_list(value: Optional[str]) -> Optional[list]:
     """'1,2,2' -> [1, 2, 2]."""
@@ -190,7 +190,7 @@ def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]
 @click.option('--precond', help='Preconditioning & loss function', type=click.Choice(['edm', 'vp', 've']), default='edm', show_default=True)
 @click.option('--patch', help='Patch Diffusion (on) or the plain EDM baseline (off)', type=click.Choice(['on', 'off']), default='on', show_default=True)
 @click.option('--real_p', help='Share of full-size images per step', type=click.FloatRange(0, 1), default=0.5, show_default=True)
-@click.option('--loss-norm', help='Weight of a patch step: per image (EDM, official code) or per pixel (every step equal)', type=click.Choice(['image', 'pixel']), default='pixel', show_default=True)
+@click.option('--loss-norm', help='Weight of a patch step: per image (EDM, official code) or per pixel (every step equal)', type=click.Choice(LOSS_NORMS), default='pixel', show_default=True)
 @click.option('--progressive', help='Progressive patch schedule (small first)', type=bool, default=False, show_default=True)
 @click.option('--latents', help='--data holds VAE latents (dataset_tool.py --encode-latents)', metavar='[BOOL]', type=bool, default=False, show_default=True, is_flag=False, flag_value=True)
 @click.option('--latents-on-the-fly', help='Encode --data\'s images with --vae at every step (the official code\'s way)', metavar='[BOOL]', type=bool, default=False, show_default=True, is_flag=False, flag_value=True)
@@ -269,11 +269,12 @@ def main(ctx: click.Context, **kwargs) -> None:
             state = load_state(resume_state)  # fail on a bad file before anything is written into its run directory
         except SnapshotError as err:
             raise click.ClickException(str(err))
-        if state_loss_norm(state) != opts.loss_norm:
-            distributed.print0(f'Note: {resume_state} was trained with --loss-norm={state_loss_norm(state)}; '
-                               f'the run keeps it (not {opts.loss_norm}).')
-            c.loss_norm = opts.loss_norm = state_loss_norm(state)
+        trained_with = state_loss_norm(state)
         del state
+        if trained_with != opts.loss_norm:
+            distributed.print0(f'Note: {resume_state} was trained with --loss-norm={trained_with}; '
+                               f'the run keeps it (not {opts.loss_norm}).')
+            c.loss_norm = opts.loss_norm = trained_with
     c.training_options = dict(opts)
 
     distributed.print0(json.dumps(dict(c, run_dir=run_dir, resume_state=resume_state), indent=2))

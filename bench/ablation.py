@@ -120,10 +120,7 @@ def read_marker(run: Run) -> Optional[Dict]:
     """The MARKER of a finished run (one with stats.jsonl and a snapshot too), else None."""
     files = [os.path.join(run.dir, name) for name in (MARKER, 'stats.jsonl')]
     snapshots = os.path.isdir(run.dir) and any(name.endswith('.pkl') for name in os.listdir(run.dir))
-    if not (snapshots and all(os.path.isfile(path) for path in files)):
-        return None
-    with open(files[0]) as f:
-        return json.load(f)
+    return read_json(files[0]) if snapshots and os.path.isfile(files[1]) else None
 
 
 def to_train(runs: List[Run], setup: Setup, score_only: bool) -> List[Run]:
