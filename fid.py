@@ -7,16 +7,15 @@ Examples (torchrun needs `--` before the script: otherwise it takes --num for an
   python fid.py calc --images=fid-tmp --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz  # FID only
 """
 
+import hashlib
 import io
 import json
 import os
-import pickle
 import zipfile
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import click
 import numpy as np
-import scipy.linalg
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -28,34 +27,16 @@ from training import demo_shapes
 from training.dataset import DatasetError, ImageFolderDataset
 from training.evaluate import heldout_loss
 from training.images import save_image_grid
+from training.detector import DETECTOR_URL, ONLINE_NAME, OFFLINE_NAME, DetectorError, load_detector
 from training.sampler import generate_images
 from training.snapshot import SnapshotError, atomic_write, load_network
 
-# Inception-v3 of TensorFlow's inception-2015-12-05 as a TorchScript module, as used by EDM and StyleGAN.
-DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
-
-
-def load_detector(path_or_url: str = DETECTOR_URL, device: torch.device = torch.device('cpu')) -> torch.nn.Module:
-    """A feature detector called as detector(uint8 NCHW RGB, return_features=True) -> [N, D]: a pickle or a torch.jit.save file."""
+def open_detector(name_or_path: str, device: torch.device) -> Tuple[torch.nn.Module, str]:
+    """load_detector() for the command line: rank 0 downloads first, and failures end with their one-line message."""
     try:
-        with dnnlib.util.open_url(path_or_url) as f:
-            data = f.read()
-    except IOError as err:
-        hint = ''
-        if dnnlib.util.is_url(path_or_url) and not path_or_url.startswith('file://'):
-            cached = dnnlib.util.cache_path(path_or_url, dnnlib.util.default_cache_dir())
-            hint = f' (--detector=PATH), or save it as {cached} in the download cache ($DNNLIB_CACHE_DIR)'
-        raise click.ClickException(f'--detector: {err}{hint}')
-    try:
-        if data.startswith(b'PK\x03\x04'):  # torch.jit.save writes a zip archive; pickles may contain one, so not is_zipfile()
-            detector = torch.jit.load(io.BytesIO(data), map_location='cpu')
-        else:
-            detector = pickle.loads(data)
-    except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many different types
-        raise click.ClickException(f'--detector: {path_or_url}: not a TorchScript feature detector ({type(err).__name__}: {err})')
-    if not isinstance(detector, torch.nn.Module):
-        raise click.ClickException(f'--detector: {path_or_url} holds a {type(detector).__name__}, not a network')
-    return detector.eval().to(device)
+        return _rank0_first(load_detector, DETECTOR_URL if name_or_path == ONLINE_NAME else name_or_path, device, distributed.print0)
+    except DetectorError as err:
+        raise click.ClickException(str(err))
 
 
 def load_ref(path_or_url: str) -> Dict[str, np.ndarray]:
@@ -162,19 +143,31 @@ def compute_feature_stats(batches: Iterable[torch.Tensor], detector: torch.nn.Mo
     return stats
 
 
-def calculate_fid(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a covariance matrix (eigenvalues that rounding made slightly negative taken as 0)."""
+    if not np.isfinite(sigma).all():
+        raise ValueError('a covariance matrix has NaN or infinite entries')
+    w, v = np.linalg.eigh(sigma)
+    if w.min() < -1e-6 * max(abs(w).max(), 1):
+        raise ValueError(f'a covariance matrix has a negative eigenvalue ({w.min():g}); it is not a valid covariance')
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr(sqrtm(S1 S2)) of two covariance matrices: the sum of the singular values of sqrt(S2) sqrt(S1).
+
+    Those singular values are the square roots of the eigenvalues of sqrt(S1) S2 sqrt(S1), which are those of S1 S2.
+    It is the number scipy.linalg.sqrtm of the product gives (EDM's way) up to rounding, but it stays exact to rounding
+    when the covariances are singular, as with fewer images than features: the FID of 48 Inception feature vectors
+    against themselves comes out 1e-4 with sqrtm and below 1e-9 here (tests/test_detector.py).
+    """
+    return float(np.linalg.svd(psd_sqrt(sigma2) @ psd_sqrt(sigma1), compute_uv=False).sum())
+
+
+def calculate_fid(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Frechet distance |mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2)) between two Gaussians."""
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # singular product: regularise as the TensorFlow FID code does
-        offset = np.eye(len(sigma1)) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        imag = np.abs(covmean.imag).max()
-        if imag > 1e-3 * max(np.abs(covmean.real).max(), 1):
-            raise ValueError(f'sqrtm(sigma1 @ sigma2) has a large imaginary part ({imag:g}); the covariances are not valid')
-        covmean = covmean.real
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
 
 
 def kid_subset_estimates(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000,
@@ -196,6 +189,43 @@ def kid_subset_estimates(feats1: np.ndarray, feats2: np.ndarray, num_subsets: in
 def calculate_kid(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000, seed: int = 0) -> float:
     """Kernel Inception Distance: the mean of kid_subset_estimates()."""
     return float(kid_subset_estimates(feats1, feats2, num_subsets, max_subset_size, seed).mean())
+
+
+def reference_cache_path(data_path: str, num: int, detector_name: str) -> str:
+    """Where cached_reference() keeps the statistics of `num` images of `data_path`: beside the data set."""
+    tag = {DETECTOR_URL: ONLINE_NAME, OFFLINE_NAME: OFFLINE_NAME}.get(detector_name)
+    tag = tag or 'detector-' + hashlib.md5(detector_name.encode('utf-8')).hexdigest()[:8]
+    return f'{os.path.splitext(os.path.normpath(data_path))[0]}-fid-{tag}-{num}.npz'
+
+
+def cached_reference(data_path: str, num: int, detector: torch.nn.Module, detector_name: str, device: torch.device,
+                     batch_size: int = 64) -> Dict[str, np.ndarray]:
+    """Statistics and features of `num` random images (seed 0) of a data set, computed once and cached beside it.
+
+    The cache is used again only while the data set's size and modification time are the ones it was made from.
+    """
+    path = reference_cache_path(data_path, num, detector_name)
+    if not os.path.exists(data_path):
+        raise click.BadParameter(f'{data_path}: no such directory or zip file', param_hint='--fid-data')
+    stat = os.stat(data_path)
+    source = f'{stat.st_size}:{stat.st_mtime_ns}'
+    if os.path.isfile(path):
+        with np.load(path) as cached:
+            if 'source' in cached.files and str(cached['source']) == source:
+                return dict(cached)
+    stats = compute_feature_stats(dataset_batches(open_dataset(data_path, num, 0, '--fid-data'), batch_size, 0), detector, device,
+                                  keep_features=True)
+    stats = dict(mu=stats['mu'], sigma=stats['sigma'], features=stats['features'], source=np.array(source))
+    atomic_write(path, lambda f: np.savez(f, **stats))
+    return stats
+
+
+def fid_kid(images: torch.Tensor, ref_stats: Dict[str, np.ndarray], detector: torch.nn.Module, device: torch.device,
+            batch_size: int = 64) -> Dict[str, float]:
+    """FID and KID of uint8 NCHW `images` (in this process) against reference statistics that include features."""
+    stats = compute_feature_stats(images.split(batch_size), detector, device, keep_features=True)
+    return dict(fid=calculate_fid(stats['mu'], stats['sigma'], ref_stats['mu'], ref_stats['sigma']),
+                kid=calculate_kid(stats['features'], ref_stats['features']))
 
 
 def _rank0_first(fn, path_or_url: str, *args):
@@ -239,8 +269,16 @@ def main() -> None:
     """Calculate FID and KID against reference statistics (see the examples at the top of fid.py)."""
 
 
-detector_option = click.option('--detector', 'detector_path', help='Feature detector: pickle or torch.jit.save file', metavar='PKL|PT|URL',
-                               default=DETECTOR_URL, show_default='Inception-v3')
+
+
+def detector_option(default: str):
+    """The --detector option, with `default` as its default."""
+    return click.option('--detector', 'detector_path', metavar='NAME|PKL|PT|URL', default=default, show_default=True,
+                        help=f'Feature detector: {ONLINE_NAME} (NVIDIA\'s Inception-v3 pickle, downloaded once, as EDM uses; '
+                             f'without internet it falls back to {OFFLINE_NAME}), {OFFLINE_NAME} (the same network from '
+                             'requirements-fid.txt), or a pickle or torch.jit.save file or URL')
+
+
 batch_option = click.option('--batch', 'batch_size', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1),
                             default=64, show_default=True)
 workers_option = click.option('--workers', help='Data loader processes per rank', metavar='INT', type=click.IntRange(min=0), default=2,
@@ -251,14 +289,14 @@ device_option = click.option('--device', help='Where to run', type=click.Choice(
 @main.command()
 @click.option('--data', 'data_path', help='Data set', metavar='DIR|ZIP', required=True)
 @click.option('--dest', 'dest_path', help='Where to write the statistics', metavar='NPZ', required=True)
-@detector_option
+@detector_option(ONLINE_NAME)
 @batch_option
 @workers_option
 @device_option
 def ref(data_path: str, dest_path: str, detector_path: str, batch_size: int, workers: int, device: str) -> None:
     """Write reference statistics of a data set: mu, sigma (EDM's layout) and the features for KID."""
     torch_device = _init(device)
-    detector = _rank0_first(load_detector, detector_path, torch_device)
+    detector, detector_name = open_detector(detector_path, torch_device)
     dataset = open_dataset(data_path, None, 0, '--data')
     distributed.print0(f'Computing features of {len(dataset)} images from {data_path}...')
     stats = compute_feature_stats(dataset_batches(dataset, batch_size, workers), detector, torch_device, keep_features=True)
@@ -279,7 +317,7 @@ def ref(data_path: str, dest_path: str, detector_path: str, batch_size: int, wor
 @click.option('--class', 'class_idx', help='Class label for --network  [default: random]', metavar='INT', type=click.IntRange(min=0))
 @sampling_options
 @click.option('--json', 'json_path', help='Append the result as one JSON line', metavar='PATH')
-@detector_option
+@detector_option(ONLINE_NAME)
 @batch_option
 @workers_option
 @device_option
@@ -296,7 +334,7 @@ def calc(ctx: click.Context, image_path: Optional[str], network_path: Optional[s
         raise click.BadParameter(f'{len(seed_list)} seeds, fewer than --num={num}', param_hint='--seeds')
     torch_device = _init(device)
     ref_stats = _rank0_first(load_ref, ref_path)
-    detector = _rank0_first(load_detector, detector_path, torch_device)
+    detector, detector_name = open_detector(detector_path, torch_device)
     if image_path is not None:
         batches = dataset_batches(open_dataset(image_path, num, seed, '--images'), batch_size, workers)
     else:
@@ -320,7 +358,7 @@ def calc(ctx: click.Context, image_path: Optional[str], network_path: Optional[s
                    f'KID unavailable: {ref_path} has only mu and sigma; make a reference with features using "fid.py ref"')
         if json_path is not None:
             with open(json_path, 'a') as f:
-                f.write(json.dumps(dict(fid=fid, kid=kid, num=stats['num'], ref=ref_path, source=source, detector=detector_path)) + '\n')
+                f.write(json.dumps(dict(fid=fid, kid=kid, num=stats['num'], ref=ref_path, source=source, detector=detector_name)) + '\n')
     _finish()
 
 
@@ -330,30 +368,44 @@ def calc(ctx: click.Context, image_path: Optional[str], network_path: Optional[s
 @click.option('--heldout', help='Number of fresh demo images for the held-out loss', metavar='INT', type=click.IntRange(min=1),
               default=512, show_default=True)
 @click.option('--steps', 'num_steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--fid-data', help='Also score FID and KID of the samples against as many images of this data set (statistics cached beside it)',
+              metavar='ZIP|DIR')
 @click.option('--grid', help='Also save the first 64 samples as a PNG grid', metavar='PATH.png')
 @click.option('--json', 'json_path', help='Append the result as one JSON line', metavar='PATH')
+@detector_option(OFFLINE_NAME)
 @batch_option
 @device_option
-def demo(network_path: str, num: int, heldout: int, num_steps: int, grid: Optional[str], json_path: Optional[str],
-         batch_size: int, device: str) -> None:
-    """Score a model of the built-in demo set: coherence of its samples and held-out denoising loss (no detector needed)."""
+def demo(network_path: str, num: int, heldout: int, num_steps: int, fid_data: Optional[str], grid: Optional[str],
+         json_path: Optional[str], detector_path: str, batch_size: int, device: str) -> None:
+    """Score a model of the built-in demo set: coherence of its samples, held-out denoising loss, and FID and KID with --fid-data."""
     torch_device = _init(device)
     if distributed.get_world_size() > 1:
         raise click.UsageError('fid.py demo runs in one process')
+    if fid_data is not None and num < 2:
+        raise click.BadParameter('FID and KID need at least 2 samples', param_hint='--num')
     net = _open_network(network_path, torch_device, None, 1.0)
     if net.img_channels != 3:
         raise click.BadParameter(f'the network makes {net.img_channels}-channel images; the demo set is RGB', param_hint='--network')
+    detector, detector_name = open_detector(detector_path, torch_device) if fid_data is not None else (None, None)
     images = torch.cat(list(network_batches(net, list(range(num)), batch_size, torch_device, num_steps=num_steps))).cpu()
     coherence = demo_shapes.coherence_score(images)
     loss = heldout_loss(net, demo_shapes.heldout_images(heldout, net.img_resolution))
     click.echo(f'coherence_score {coherence:.4f}  (1.0 = every sample symmetric and one-coloured)')
     click.echo(f'heldout_loss {loss["mean"]:.4f}  (' + ', '.join(f'{k} {v:.3f}' for k, v in loss.items() if k != 'mean') + ')')
+    record = dict(coherence=coherence, heldout_loss=loss, num=num, steps=num_steps, network=network_path)
+    if fid_data is not None:
+        distributed.print0(f'Computing Inception features of {num} samples and {num} images of {fid_data}...')
+        ref_stats = cached_reference(fid_data, num, detector, detector_name, torch_device, batch_size)
+        record.update(fid_kid(images, ref_stats, detector, torch_device, batch_size), fid_data=fid_data, detector=detector_name)
+        click.echo(f'FID {record["fid"]:.2f}  ({num} samples against {num} images of {fid_data}; at so few images FID is biased upward, '
+                   f'so compare it only at equal counts)')
+        click.echo(f'KID {record["kid"]:.4f}  (the same images; unbiased at any count)')
     if grid is not None:
         save_image_grid(images[:64], grid)
         click.echo(f'Saved {min(num, 64)} samples to {grid}')
     if json_path is not None:
         with open(json_path, 'a') as f:
-            f.write(json.dumps(dict(coherence=coherence, heldout_loss=loss, num=num, steps=num_steps, network=network_path)) + '\n')
+            f.write(json.dumps(record) + '\n')
     _finish()
 
 

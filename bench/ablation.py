@@ -38,9 +38,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import fid  # noqa: E402
 from bench.common import environment, line_plot, write_json  # noqa: E402
 from training import demo_shapes  # noqa: E402
 from training.dataset import DatasetError, ImageFolderDataset  # noqa: E402
+from training.detector import OFFLINE_NAME, DetectorError, load_detector  # noqa: E402
 from training.evaluate import HELDOUT_SIGMAS, heldout_loss  # noqa: E402
 from training.images import save_image_grid, to_float  # noqa: E402
 from training.sampler import generate_images  # noqa: E402
@@ -62,7 +64,7 @@ ARMS = {'full': Arm('full (EDM)', ['--patch=off']),
         'p0-pixel': Arm('p=0 pixel', ['--real_p=0', '--loss-norm=pixel'])}
 DEFAULT_ARMS = [name for name in ARMS if name != 'p1.0']
 PAIRS = [('p0.5-pixel', 'full'), ('p0.5-pixel', 'p0.5-image')]  # (a, b): per-seed final held-out loss of a minus b
-METRICS = ('kimg', 'heldout_loss', 'heldout_loss_at_kimg', 'coherence')  # per-run values summarised over seeds
+METRICS = ('kimg', 'heldout_loss', 'heldout_loss_at_kimg', 'coherence', 'fid', 'kid')  # per-run values summarised over seeds
 MARKER = 'ablation-finished.json'  # written into a run directory when its training ended well
 SCORES = 'ablation-scores.json'    # a run's scores and what they were computed with
 LOG = 'train.log'
@@ -233,9 +235,16 @@ def thin(points: List[Dict], most: int) -> List[Dict]:
     return points[::-1][::step][::-1]
 
 
-def score_run(run: Run, heldout: torch.Tensor, samples: int, steps: int, coherence: bool, grid: Optional[str],
-              points: int, key: Dict) -> Dict:
-    """Held-out loss of (at most `points`) snapshots of a run; coherence of the last one's samples and their grid when asked.
+class Inception(NamedTuple):
+    """What FID and KID are computed with: the detector and the reference statistics (with features) of the data."""
+    detector: torch.nn.Module
+    ref_stats: Dict[str, np.ndarray]
+
+
+def score_run(run: Run, heldout: torch.Tensor, samples: int, steps: int, coherence: bool, inception: Optional[Inception],
+              grid: Optional[str], points: int, key: Dict) -> Dict:
+    """Held-out loss of (at most `points`) snapshots of a run; coherence, FID and KID of the last one's samples and their
+    grid when asked.
 
     The result is kept in the run's SCORES file under `key` (what the scores depend on), so scoring the same run the
     same way again, for example in a second process scoring other arms, costs nothing.
@@ -251,14 +260,17 @@ def score_run(run: Run, heldout: torch.Tensor, samples: int, steps: int, coheren
         curve.append(dict(point, heldout_loss=losses['mean']))
     result = dict(seed=run.seed, dir=run.dir, curve=curve, kimg=curve[-1]['kimg'], seconds=curve[-1]['seconds'],
                   heldout_loss=losses['mean'], heldout_loss_by_sigma=losses)
-    if coherence or grid:
-        images = sample(net, samples if coherence else min(samples, GRID_IMAGES), steps)
+    if coherence or inception or grid:
+        images = sample(net, samples if coherence or inception else min(samples, GRID_IMAGES), steps)
         if coherence:
             result['coherence'] = demo_shapes.coherence_score(images)
+        if inception:
+            result.update(fid.fid_kid(images, inception.ref_stats, inception.detector, torch.device('cpu')))
         if grid:
             save_image_grid(images[:GRID_IMAGES], grid, min_tile=GRID_MIN_WIDTH)
     print(f'{run} scored {len(curve)} snapshots: {result["kimg"]:.2f} kimg, final held-out loss {result["heldout_loss"]:.4f}'
-          + (f', coherence {result["coherence"]:.3f}' if coherence else ''), flush=True)
+          + (f', coherence {result["coherence"]:.3f}' if coherence else '')
+          + (f', FID {result["fid"]:.2f}, KID {result["kid"]:.4f}' if inception else ''), flush=True)
     atomic_write(os.path.join(run.dir, SCORES), lambda f: f.write(json.dumps(dict(key=key, result=result)).encode('utf-8')))
     return result
 
@@ -315,12 +327,12 @@ def paired(arms: Dict[str, Dict]) -> List[Dict]:
     return pairs
 
 
-def score_study(runs: List[Run], heldout: torch.Tensor, samples: int, steps: int, coherence: bool,
+def score_study(runs: List[Run], heldout: torch.Tensor, samples: int, steps: int, coherence: bool, inception: Optional[Inception],
                 figures: str, points: int, key: Dict) -> Tuple[Dict[str, Dict], float]:
     """Every run scored, summarised per arm, and the common kimg of the equal-kimg comparison."""
     grids = {arm: os.path.join(figures, f'grid-{arm}.png') for arm in dict.fromkeys(run.arm for run in runs)}
-    scored = {run: score_run(run, heldout, samples, steps, coherence, grids[run.arm] if run.seed == 0 else None, points,
-                             key) for run in runs}
+    scored = {run: score_run(run, heldout, samples, steps, coherence, inception, grids[run.arm] if run.seed == 0 else None,
+                             points, key) for run in runs}
     common_kimg = min(result['kimg'] for result in scored.values())
     arms = {arm: [scored[run] for run in sorted(runs, key=lambda r: r.seed) if run.arm == arm] for arm in grids}
     return {arm: summarise(arm, results, common_kimg, grids[arm]) for arm, results in arms.items()}, common_kimg
@@ -358,6 +370,11 @@ def setup_text(study: Dict) -> List[str]:
     env, extra = study['environment'], f' plus `{study["extra"]}`' if study['extra'] else ''
     coherence = (f' Coherence = `demo_shapes.coherence_score` of {study["samples"]} samples of the last snapshot '
                  f'({study["steps"]} Heun steps; 1.0 = every sample mirror-symmetric and one-coloured).') if study['coherence'] else ''
+    if study['detector']:
+        coherence += (f' FID and KID = Inception-v3 (`fid.py --detector={study["detector"]}`) features of {study["samples"]} '
+                      f'samples of the last snapshot ({study["steps"]} Heun steps) against {study["samples"]} random images of '
+                      f'`{study["data"]}`; at so few images FID is biased upward, so it compares arms only with each other, '
+                      'while KID is unbiased.')
     late = sum(run['curve'][0]['kimg'] > study['common_kimg'] for arm in study['arms'].values() for run in arm['runs'])
     late_text = f' {late} run(s) have their first snapshot after it and take that snapshot\'s loss.' if late else ''
     return [f'# Patch Diffusion ablation on `{study["data"]}`', '',
@@ -374,13 +391,14 @@ def setup_text(study: Dict) -> List[str]:
 
 
 def arm_table(study: Dict) -> List[str]:
-    """One row per arm: flags, kimg, held-out loss at equal time and equal kimg, coherence."""
-    lines = [f'| arm | flags | kimg | held-out loss, equal time | held-out loss at {study["common_kimg"]:.2f} kimg | coherence |',
-             '| --- | --- | --- | --- | --- | --- |']
+    """One row per arm: flags, kimg, held-out loss at equal time and equal kimg, coherence, FID and KID (equal time)."""
+    lines = [f'| arm | flags | kimg | held-out loss, equal time | held-out loss at {study["common_kimg"]:.2f} kimg | coherence | '
+             'FID | KID |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
     for arm in study['arms'].values():
         s = arm['summary']
         lines.append(f'| {arm["label"]} | `{" ".join(arm["flags"])}` | {pm(s["kimg"], 1)} | {pm(s["heldout_loss"], 4)} | '
-                     f'{pm(s["heldout_loss_at_kimg"], 4)} | {pm(s.get("coherence"), 3)} |')
+                     f'{pm(s["heldout_loss_at_kimg"], 4)} | {pm(s.get("coherence"), 3)} | {pm(s.get("fid"), 1)} | '
+                     f'{pm(s.get("kid"), 4)} |')
     return lines + ['']
 
 
@@ -443,6 +461,16 @@ def heldout_set(path: Optional[str], num: int, data: ImageFolderDataset) -> Tupl
     return to_float(torch.from_numpy(np.stack([dataset[i][0] for i in range(count)]))), f'the first {count} images of `{path}`'
 
 
+def inception_reference(data: str, samples: int, detector: str) -> Tuple[Inception, str]:
+    """The detector and the statistics of `samples` random images of --data (cached beside it), and the detector's name."""
+    try:
+        network, name = load_detector(detector)
+    except DetectorError as err:
+        raise click.ClickException(str(err)) from None
+    print(f'Inception features of {samples} images of {data} (cached beside it)...', flush=True)
+    return Inception(network, fid.cached_reference(data, samples, network, name, torch.device('cpu'))), name
+
+
 @click.command()
 @click.option('--data', help='Training data set, e.g. the demo set (dataset_tool.py --source=demo:shapes --resolution=32x32)', metavar='ZIP|DIR', required=True)
 @click.option('--heldout', help='Images to score the held-out loss on  [default: fresh demo images]', metavar='ZIP|DIR')
@@ -457,7 +485,9 @@ def heldout_set(path: Optional[str], num: int, data: ImageFolderDataset) -> Tupl
 @click.option('--preset', help='train.py --preset of every run', metavar='NAME', default='demo', show_default=True)
 @click.option('--extra', help='More train.py options for every run, e.g. "--batch=16"', metavar='STR', default='')
 @click.option('--coherence/--no-coherence', help='Score samples by demo_shapes.coherence_score  [default: without --heldout]', default=None)
-@click.option('--samples', help='Generated images per run for coherence (the grids show up to 64)', metavar='INT', type=click.IntRange(min=1), default=256, show_default=True)
+@click.option('--fid/--no-fid', 'with_fid', help='Score FID and KID of the samples against as many random images of --data', default=True, show_default=True)
+@click.option('--detector', help='fid.py --detector for FID and KID', metavar='NAME|PKL|PT|URL', default=OFFLINE_NAME, show_default=True)
+@click.option('--samples', help='Generated images per run for coherence, FID and KID (the grids show up to 64)', metavar='INT', type=click.IntRange(min=1), default=256, show_default=True)
 @click.option('--steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--outdir', help='Where the runs and results.json go', metavar='DIR', default='bench-out/ablation', show_default=True)
 @click.option('--report', help='Markdown report to write', metavar='MD', default='docs/results.md', show_default=True)
@@ -466,8 +496,8 @@ def heldout_set(path: Optional[str], num: int, data: ImageFolderDataset) -> Tupl
 @click.option('--score-only', help='Score the finished runs in --outdir again, training nothing', is_flag=True)
 @click.pass_context
 def main(ctx: click.Context, data: str, heldout: Optional[str], heldout_num: int, arm_list: str, seeds: int, jobs: int,
-         threads: Optional[int], budget: float, tick_kimg: float, progressive_kimg: Optional[float], preset: str, extra: str, coherence: Optional[bool],
-         samples: int, steps: int, points: int, outdir: str, report: str, figures: Optional[str], score_only: bool) -> None:
+         threads: Optional[int], budget: float, tick_kimg: float, progressive_kimg: Optional[float], preset: str, extra: str,
+         coherence: Optional[bool], with_fid: bool, detector: str, samples: int, steps: int, points: int, outdir: str, report: str, figures: Optional[str], score_only: bool) -> None:
     """Train every arm with every seed for the same wall-clock time, then score, plot and report them."""
     arms = parse_arms(arm_list)
     if jobs > len(arms):
@@ -481,19 +511,20 @@ def main(ctx: click.Context, data: str, heldout: Optional[str], heldout_num: int
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     figures = figures or os.path.join(os.path.dirname(os.path.abspath(report)), 'ablation')
     kept_text(report)  # a report without END_MARKER fails now, not after the training
+    inception, detector_name = inception_reference(data, samples, detector) if with_fid else (None, None)
     setup = Setup(data, preset, tick_kimg, tuple(shlex.split(extra)), budget, threads, progressive_kimg)
     runs = study_runs(arms, seeds, outdir)
     train_all(to_train(runs, setup, score_only), setup, jobs)
 
     torch.set_num_threads(jobs * threads)
-    key = dict(heldout=heldout_text, samples=samples, steps=steps, coherence=coherence, points=points)
-    arm_results, common_kimg = score_study(runs, heldout_images, samples, steps, coherence, figures, points, key)
+    key = dict(heldout=heldout_text, samples=samples, steps=steps, coherence=coherence, points=points, detector=detector_name)
+    arm_results, common_kimg = score_study(runs, heldout_images, samples, steps, coherence, inception, figures, points, key)
     plots = {x_key: os.path.join(figures, f'heldout-loss-{x_key}.png') for x_key in ('seconds', 'kimg')}
     for x_key, xlabel in (('seconds', 'wall-clock seconds'), ('kimg', 'kimg')):
         plot(arm_results, x_key, xlabel, plots[x_key], seeds)
     study = dict(command='python ' + shlex.join(sys.argv), options=ctx.params, environment=environment(torch.device('cpu')),
                  data=data, heldout=heldout_text, preset=preset, extra=extra, seeds=seeds, jobs=jobs, threads=threads,
-                 budget=budget, tick=tick_kimg, coherence=coherence, samples=samples, steps=steps, points=points, common_kimg=common_kimg,
+                 budget=budget, tick=tick_kimg, coherence=coherence, detector=detector_name, samples=samples, steps=steps, points=points, common_kimg=common_kimg,
                  plots=plots, arms=arm_results, paired=paired(arm_results))
     write_json(os.path.join(outdir, 'results.json'), study)
     write_report(report, study)

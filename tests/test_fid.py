@@ -123,7 +123,7 @@ def test_ref_and_calc_with_a_custom_detector(files, tmp_path, detector):
 
 
 def test_grayscale_images_are_repeated_to_rgb(files):
-    detector = fid.load_detector(str(files / 'detector.pt'))
+    detector, _name = fid.load_detector(str(files / 'detector.pt'))
     gray = torch.randint(0, 256, [6, 1, 16, 16], dtype=torch.uint8)
     one = fid.compute_feature_stats([gray], detector, torch.device('cpu'), keep_features=True)
     three = fid.compute_feature_stats([gray.repeat(1, 3, 1, 1)], detector, torch.device('cpu'), keep_features=True)
