@@ -11,8 +11,9 @@ command of an interrupted study continues it.
 Scoring: the held-out loss (training.evaluate.heldout_loss, mean over its sigmas) of every snapshot on `--heldout`
 images (default: fresh demo images), against wall-clock seconds and kimg. Per arm: mean and standard deviation over
 seeds of the final kimg, the final held-out loss (equal time), the held-out loss at the fewest kimg any run reached
-(equal kimg, linear interpolation of each run's curve) and, on the demo set, the coherence of `--samples` samples of
-the last snapshot; per seed: the differences of final held-out loss between the arms of PAIRS. Writes results.json
+(equal kimg, linear interpolation of each run's curve), FID and KID of `--samples` samples of the last snapshot
+against as many random images of --data (offline Inception-v3 by default; the reference is cached beside --data)
+and, on the demo set, the coherence of the same samples; per seed: the differences of final held-out loss between the arms of PAIRS. Writes results.json
 into --outdir, two plots and one sample grid per arm into --figures, and a Markdown report whose text after
 END_MARKER is kept when it is written again.
 

@@ -223,3 +223,20 @@ def test_demo_scores_fid_and_kid_against_a_cached_reference(tmp_path):
     assert invoke().exit_code == 0 and os.stat(cache).st_mtime_ns != 0
     fids = [json.loads(line)['fid'] for line in (tmp_path / 'r.jsonl').read_text().splitlines()]
     assert fids[1] == fids[0] and fids[2] != fids[0]
+
+
+@needs_offline
+def test_offline_copy_matches_the_downloaded_pickle():
+    """Needs internet access (skipped without it): the NVIDIA pickle and the offline copy give the same features.
+
+    Run it where the download works:  python -m pytest tests/test_detector.py -k downloaded -rs
+    """
+    try:
+        nvidia = detector._load_file(detector.DETECTOR_URL).eval()
+    except IOError as err:
+        pytest.skip(f'needs internet access to download the NVIDIA detector ({err})')
+    offline = load_offline_inception()
+    generator = torch.Generator().manual_seed(0)
+    for images in [demo_uint8(4, 32), demo_uint8(4, 64), torch.randint(0, 256, [2, 3, 299, 299], dtype=torch.uint8, generator=generator)]:
+        ours, theirs = offline(images, return_features=True), nvidia(images, return_features=True)
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (ours - theirs).abs().max()
