@@ -27,9 +27,9 @@ from generate import open_decoder, parse_int_list, resolve_sampling, sampling_op
 from torch_utils import distributed
 from training import demo_shapes
 from training.dataset import DatasetError, ImageFolderDataset
+from training.detector import DETECTOR_URL, OFFLINE_NAME, ONLINE_NAME, DetectorError, load_detector
 from training.evaluate import heldout_loss
 from training.images import save_image_grid
-from training.detector import DETECTOR_URL, ONLINE_NAME, OFFLINE_NAME, DetectorError, load_detector
 from training.sampler import generate_images
 from training.snapshot import SnapshotError, atomic_write, load_network
 
