@@ -14,7 +14,7 @@ import sys
 import types
 from typing import Any, Dict
 
-_VERSION = 1
+VERSION = 1  # format version of this project's pickles (EDM's are 6)
 _src_by_module_name: Dict[str, str] = {}    # source of modules that were created from stored source
 _module_by_src_hash: Dict[str, types.ModuleType] = {}
 
@@ -39,8 +39,8 @@ def _module_from_source(src: str) -> types.ModuleType:
 
 
 def _reconstruct_persistent_obj(meta: Dict[str, Any]) -> Any:
-    if meta.get('version') != _VERSION:
-        raise ValueError(f'persisted object has format version {meta.get("version")}, expected {_VERSION}')
+    if meta.get('version') != VERSION:
+        raise ValueError(f'persisted object has format version {meta.get("version")}, expected {VERSION}')
     module = _module_from_source(meta['module_src'])
     cls = getattr(module, meta['class_name'])
     obj = cls.__new__(cls)
@@ -78,7 +78,7 @@ def persistent_class(orig_class: type) -> type:
 
         def __reduce__(self):
             # Attributes are looked up on the most derived class, so subclasses of persistent classes work too.
-            meta = dict(version=_VERSION, module_src=self._orig_module_src, class_name=self._orig_class_name,
+            meta = dict(version=VERSION, module_src=self._orig_module_src, class_name=self._orig_class_name,
                         state=self.__getstate__())
             return _reconstruct_persistent_obj, (meta,)
 

@@ -11,6 +11,9 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 import dnnlib
+from torch_utils import persistence
+from torch_utils.safe_unpickle import Persisted, UnsafePickleError, loads, named_tensors
+from training import networks
 
 
 class SnapshotError(ValueError):
@@ -66,13 +69,49 @@ def load_network(path_or_url: str, device: torch.device = torch.device('cpu')) -
             raise SnapshotError(f'{path_or_url}: not a weights-only network snapshot ({type(err).__name__}: {err})') from None
     else:
         try:
-            snapshot = pickle.loads(data)
-            net = snapshot['ema']
+            snapshot = loads(data)
+        except UnsafePickleError as err:
+            raise SnapshotError(f'{path_or_url}: not loaded: the pickle {err}') from None
         except Exception as err:  # noqa: BLE001 - truncated or foreign pickles raise many different types
             raise SnapshotError(f'{path_or_url}: not a network snapshot ({type(err).__name__}: {err})') from None
-        if not isinstance(net, torch.nn.Module):
-            raise SnapshotError(f'{path_or_url}: its "ema" entry is a {type(net).__name__}, not a network')
+        ema = snapshot.get('ema') if isinstance(snapshot, dict) else None
+        if not isinstance(ema, Persisted):
+            raise SnapshotError(f'{path_or_url}: not a network snapshot (no persistent "ema" network)')
+        net = network_from_persisted(ema, path_or_url)
     return net.eval().requires_grad_(False).to(device)
+
+
+EDM_VERSION = 6  # the persistence format version of EDM's and the official Patch Diffusion code's pickles
+PRECONDS = ('EDMPrecond', 'VPPrecond', 'VEPrecond')
+
+
+def network_from_persisted(record: Persisted, path: str) -> torch.nn.Module:
+    """This project's network for a pickled EDM, Patch Diffusion or own preconditioner, with the pickled weights.
+
+    EDM's classes take no coordinate channels (pos_channels=0). The official Patch_EDMPrecond counts the two coordinate
+    channels in img_channels and names the image channels out_channels: here they are img_channels and pos_channels.
+    """
+    name, kwargs = record.class_name, record.init_kwargs
+    if record.init_args:
+        raise SnapshotError(f'{path}: {name} was built with positional arguments, which no known network uses')
+    if record.version == persistence.VERSION and name in PRECONDS:
+        cls = getattr(networks, name)
+    elif record.version == EDM_VERSION and name in PRECONDS:
+        cls = getattr(networks, name)
+        kwargs['pos_channels'] = 0
+    elif record.version == EDM_VERSION and name == 'Patch_EDMPrecond':
+        cls = networks.EDMPrecond
+        out_channels = kwargs.pop('out_channels', None) or kwargs['img_channels']
+        kwargs.update(img_channels=out_channels, pos_channels=kwargs['img_channels'] - out_channels)
+    else:
+        raise SnapshotError(f'{path}: its network is a {name} (persistence format version {record.version}); known are '
+                            f'{", ".join(PRECONDS)} and Patch_EDMPrecond of format {EDM_VERSION}, and ours of format {persistence.VERSION}')
+    try:
+        net = cls(**kwargs)
+        net.load_state_dict(dict(named_tensors(record)))
+    except (TypeError, ValueError, RuntimeError, KeyError) as err:
+        raise SnapshotError(f'{path}: its {name} does not fit this project\'s {cls.__name__} ({type(err).__name__}: {err})'.split('\n')[0]) from None
+    return net
 
 
 def save_state(path: str, state: Dict[str, Any]) -> None:
