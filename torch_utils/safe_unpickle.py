@@ -101,11 +101,11 @@ class RestrictedUnpickler(pickle.Unpickler):
             return ALLOWED[module, name]
         if module == 'torch' and name in _DTYPES:
             return getattr(torch, name)
-        raise UnsafePickleError(f'refuses global {module}.{name}, which is not one of the classes and functions a network '
-                                'snapshot needs')
+        raise UnsafePickleError(f'names the global {module}.{name}, which no network snapshot needs; nothing from the file '
+                                'was run')
 
     def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError(f'refuses persistent id {pid!r}')
+        raise UnsafePickleError(f'holds a persistent id ({pid!r}), which no network snapshot has; nothing from the file was run')
 
 
 def loads(data: bytes) -> Any:
