@@ -106,10 +106,11 @@ def edm_sampler(
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
 
-        # Churn: raise the noise level to t_hat by adding fresh noise.
+        # Churn: raise the noise level to t_hat by adding fresh noise. With churn on, the noise is drawn at every step,
+        # also where S_min/S_max switch it off, as EDM's sampler does: the same seeds then give EDM's images.
         t_hat, x_hat = t_cur, x_cur
-        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_churn > 0 and S_min <= t_cur <= S_max else 0
-        if gamma > 0:
+        if S_churn > 0:
+            gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
             t_hat = _round_sigma(net, t_cur + gamma * t_cur)
             x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
 
@@ -175,8 +176,9 @@ def generate_images(net: Callable, seeds: Sequence[int], device: torch.device, c
     if net.label_dim:
         if class_idx is not None and not 0 <= class_idx < net.label_dim:
             raise ValueError(f'class {class_idx} is outside [0, {net.label_dim}) for this network')
-        indices = rnd.randint(net.label_dim, size=[len(seeds)]) if class_idx is None \
-            else torch.full([len(seeds)], class_idx, device=device)
+        indices = rnd.randint(net.label_dim, size=[len(seeds)])  # drawn even for a fixed class, as EDM does, for its churn noise
+        if class_idx is not None:
+            indices = torch.full_like(indices, class_idx)
         class_labels = torch.nn.functional.one_hot(indices, net.label_dim).to(torch.float32)
     images = edm_sampler(net, latents, class_labels=class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
     return decoder(images).to(device) if decoder is not None else to_uint8(images)
