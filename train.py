@@ -207,7 +207,7 @@ def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]
 @click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--ema-rampup', help='EMA ramp-up ratio', metavar='FLOAT', type=click.FloatRange(min=0), default=0.05, show_default=True)
 @click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.13, show_default=True)
-@click.option('--label-dropout', help='Label dropout for guidance (with --cond)', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.1, show_default=True)
+@click.option('--label-dropout', help='Label dropout, for classifier-free guidance (with --cond; EDM and the official code use none)', metavar='FLOAT', type=click.FloatRange(0, 1), default=0, show_default=True)
 @click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.12, show_default=True)
 @click.option('--xflip', help='Enable dataset x-flips', type=bool, default=False, show_default=True)
 @click.option('--fp16', help='float16 autocast with dynamic loss scaling (CUDA only)', metavar='[BOOL]', type=bool, default=False, show_default=True, is_flag=False, flag_value=True)

@@ -471,3 +471,12 @@ def test_loader_prefetches_enough_for_the_largest_batch_multiplier():
     none = build_config(preset_options('demo', workers=0), 'd', 32, world_size=1).data_loader_kwargs
     assert (patch.prefetch_factor, full.prefetch_factor, none.prefetch_factor) == (8, 2, None)
     assert patch.persistent_workers and not none.persistent_workers
+
+
+def test_labels_are_not_dropped_unless_asked():
+    """EDM and the official code drop no labels: --cond alone and the cifar10-32 preset give 0, the ImageNet preset 0.1."""
+    from train import build_config, main, preset_options, resolve_options
+    ctx = main.make_context('train.py', ['--outdir=o', '--data=d', '--cond=True'])
+    assert build_config(resolve_options(ctx, ctx.params), 'd', 32, world_size=1).network_kwargs.label_dropout == 0
+    assert build_config(preset_options('cifar10-32'), 'd', 32, world_size=1).network_kwargs.label_dropout == 0
+    assert build_config(preset_options('imagenet256-latent'), 'd', 32, world_size=1).network_kwargs.label_dropout == 0.1
