@@ -502,7 +502,7 @@ class _Precond(torch.nn.Module):
     """Shared part of the preconditioners: builds the network and runs D(x; sigma) from c_skip, c_out, c_in, c_noise."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool, use_bf16: bool,
-                 model_type: str, pos_channels: int, latent: Optional[dict], model_kwargs: dict):
+                 model_type: str, pos_channels: int, latent: Optional[dict], model_kwargs: dict, out_factor: int = 1):
         if model_type not in MODELS:
             raise ValueError(f'unknown model_type "{model_type}", expected one of {sorted(MODELS)}')
         super().__init__()
@@ -514,7 +514,7 @@ class _Precond(torch.nn.Module):
         self.pos_channels = pos_channels
         self.latent = dict(latent) if latent else None  # samples are decoded with this VAE (training/latents.py)
         self.model = MODELS[model_type](img_resolution=img_resolution, in_channels=img_channels + pos_channels,
-                                        out_channels=img_channels, label_dim=label_dim, **model_kwargs)
+                                        out_channels=img_channels * out_factor, label_dim=label_dim, **model_kwargs)
 
     def scalings(self, sigma: torch.Tensor):
         """Return (c_skip, c_out, c_in, c_noise) for noise levels sigma of shape [N, 1, 1, 1]."""
@@ -562,7 +562,7 @@ class _Precond(torch.nn.Module):
         if x_pos is not None:
             x_in = torch.cat([x_in, x_pos.to(torch.float32)], dim=1)
         F_x = self.model(x_in.to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)  # iDDPM's extra (variance) channels unused
 
 
 @persistence.persistent_class
@@ -633,6 +633,54 @@ class VEPrecond(_Precond):
     def scalings(self, sigma: torch.Tensor):
         """VE scalings; the network sees log(sigma / 2)."""
         return 1, sigma, 1, (0.5 * sigma).log()
+
+
+@persistence.persistent_class
+class iDDPMPrecond(_Precond):
+    """Improved DDPM preconditioning (Nichol and Dhariwal 2021) as EDM defines it: noise levels limited to M discrete
+    values u[0..M-1], the network outputs twice the image channels (the second half, the variance, is unused)."""
+
+    def __init__(self,
+        img_resolution: int,                # Nominal image resolution.
+        img_channels: int,                  # Image channels (without coordinate channels).
+        label_dim: int = 0,                 # Class label dimensionality, 0 = unconditional.
+        use_fp16: bool = False,             # Run the network in float16 on CUDA?
+        use_bf16: bool = False,             # Run the network in bfloat16 (any device)?
+        C_1: float = 0.001,                 # Timestep adjustment at low noise levels.
+        C_2: float = 0.008,                 # Timestep adjustment at high noise levels.
+        M: int = 1000,                      # Number of discretisation steps of the original DDPM formulation.
+        model_type: str = 'DhariwalUNet',   # 'SongUNet' or 'DhariwalUNet'.
+        pos_channels: int = 2,              # Coordinate channels concatenated to the input, 0 = none.
+        latent: Optional[dict] = None,      # VAE latent space the images live in, dict(vae=name, scale=factor); None = pixels.
+        **model_kwargs,                     # Passed on to the network.
+    ):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_bf16, model_type, pos_channels, latent,
+                         model_kwargs, out_factor=2)
+        self.C_1 = C_1
+        self.C_2 = C_2
+        self.M = M
+        u = torch.zeros(M + 1)
+        for j in range(M, 0, -1):  # u[j - 1] from u[j], as in EDM (Karras et al. 2022, Table 1)
+            u[j - 1] = ((u[j] ** 2 + 1) / (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=C_1) - 1).sqrt()
+        self.register_buffer('u', u)
+        self.sigma_min = float(u[M - 1])
+        self.sigma_max = float(u[0])
+
+    def alpha_bar(self, j) -> torch.Tensor:
+        """The cosine schedule's alpha-bar at step j."""
+        return (0.5 * np.pi * torch.as_tensor(j) / self.M / (self.C_2 + 1)).sin() ** 2
+
+    def round_sigma(self, sigma, return_index: bool = False) -> torch.Tensor:
+        """The nearest of the M supported noise levels u (or its index), found with EDM's cdist so that ties agree."""
+        sigma = torch.as_tensor(sigma)
+        index = torch.cdist(sigma.to(self.u.device).to(torch.float32).reshape(1, -1, 1), self.u.reshape(1, -1, 1)).argmin(2)
+        result = index if return_index else self.u[index.flatten()].to(sigma.dtype)
+        return result.reshape(sigma.shape).to(sigma.device)
+
+    def scalings(self, sigma: torch.Tensor):
+        """iDDPM scalings; the network sees M - 1 - the index of the nearest supported noise level."""
+        c_noise = self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
+        return 1, -sigma, 1 / (sigma ** 2 + 1).sqrt(), c_noise
 
 
 @persistence.persistent_class

@@ -82,7 +82,7 @@ def load_network(path_or_url: str, device: torch.device = torch.device('cpu')) -
 
 
 EDM_VERSION = 6  # the persistence format version of EDM's and the official Patch Diffusion code's pickles
-PRECONDS = ('EDMPrecond', 'VPPrecond', 'VEPrecond')
+PRECONDS = ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond')
 
 
 def network_from_persisted(record: Persisted, path: str) -> torch.nn.Module:
