@@ -165,3 +165,32 @@ def test_this_projects_new_pickles_load(tmp_path):
     net = randomised(networks.EDMPrecond(**dict(TINY, label_dim=2), img_channels=3))
     save_network_snapshot(str(tmp_path / 'net'), snapshot_data(net))
     assert torch.equal(outputs(load_network(str(tmp_path / 'net.pkl')), 2, labels=True), outputs(net, 2, labels=True))
+
+
+def test_transfer_widens_the_input_convolutions_with_zeros():
+    """An EDM network copied into a Patch Diffusion one computes the same whatever the coordinates, until trained."""
+    from torch_utils.misc import copy_params_and_buffers
+    for model in (dict(model_type='SongUNet', encoder_type='residual'), dict(model_type='DhariwalUNet')):
+        edm = randomised(networks.EDMPrecond(**TINY, **model, img_channels=3, pos_channels=0))
+        patch = networks.EDMPrecond(**TINY, **model, img_channels=3, pos_channels=2).eval()
+        with pytest.raises(ValueError, match='does not match'):
+            copy_params_and_buffers(edm, patch)
+        copy_params_and_buffers(edm, patch, extra_inputs=2)
+        g = torch.Generator().manual_seed(3)
+        x, x_pos = torch.randn([2, 3, 16, 16], generator=g), torch.rand([2, 2, 16, 16], generator=g) * 2 - 1
+        sigma = torch.tensor([0.3, 4.0])
+        assert torch.equal(patch(x, sigma, x_pos), edm(x, sigma))
+
+
+def test_train_py_transfers_from_an_edm_pickle(tmp_path):
+    import training_helpers as h
+    kwargs = dict(img_resolution=16, label_dim=0, use_fp16=False, model_type='SongUNet', embedding_type='positional',
+                  encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
+                  model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.13, img_channels=3)
+    net = randomised(networks.EDMPrecond(**kwargs, pos_channels=0))
+    (tmp_path / 'edm.pkl').write_bytes(edm_style_pickle(snapshot_data(net), net, 'EDMPrecond', kwargs, stand_in_source(str(tmp_path / 'x'))))
+    data = h.make_dataset(str(tmp_path / 'data.zip'))
+    proc = h.run_train(f'--outdir={tmp_path / "run"}', f'--data={data}', *h.TINY, f'--transfer={tmp_path / "edm.pkl"}',
+                       '--duration=0.00002', '--snap=1', '--dump=1')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'Transferring weights from' in proc.stdout and not (tmp_path / 'x').exists()

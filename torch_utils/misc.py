@@ -53,16 +53,29 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
 
 @torch.no_grad()
-def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Module, require_all: bool = False) -> None:
-    """Copy every parameter and buffer of `src_module` into the same-named tensor of `dst_module`."""
+def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Module, require_all: bool = False,
+                            extra_inputs: int = 0) -> None:
+    """Copy every parameter and buffer of `src_module` into the same-named tensor of `dst_module`.
+
+    With `extra_inputs` > 0 (a network without coordinate channels into one with them), a 4-D weight that has that
+    many more input channels in the destination gets the source's weight in its first channels and zeros in the
+    others, so the destination starts out computing exactly what the source did, whatever the coordinates.
+    """
     src = dict(src_module.named_parameters()) | dict(src_module.named_buffers())
     for name, tensor in list(dst_module.named_parameters()) + list(dst_module.named_buffers()):
-        if name in src:
-            if src[name].shape != tensor.shape:
-                raise ValueError(f'{name}: shape {tuple(src[name].shape)} does not match {tuple(tensor.shape)}')
-            tensor.copy_(src[name])
-        elif require_all:
-            raise ValueError(f'{name} is missing from the source module')
+        if name not in src:
+            if require_all:
+                raise ValueError(f'{name} is missing from the source module')
+            continue
+        source = src[name]
+        widened = extra_inputs > 0 and source.ndim == 4 and tensor.shape[1] == source.shape[1] + extra_inputs \
+            and tensor.shape[0] == source.shape[0] and tensor.shape[2:] == source.shape[2:]
+        if widened:
+            tensor.zero_()[:, :source.shape[1]].copy_(source)
+        elif source.shape != tensor.shape:
+            raise ValueError(f'{name}: shape {tuple(source.shape)} does not match {tuple(tensor.shape)}')
+        else:
+            tensor.copy_(source)
 
 
 def ddp_sync(module: torch.nn.Module, sync: bool):

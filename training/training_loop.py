@@ -290,8 +290,12 @@ def training_loop(
     if transfer and state is None:
         distributed.print0(f'Transferring weights from "{transfer}"...')
         source = snapshot.load_network(transfer)
-        misc.copy_params_and_buffers(source, net, require_all=False)
-        misc.copy_params_and_buffers(source, ema, require_all=False)
+        extra_inputs = net.pos_channels - source.pos_channels  # EDM's networks into a Patch Diffusion one: 2
+        try:
+            for module in (net, ema):
+                misc.copy_params_and_buffers(source, module, require_all=False, extra_inputs=extra_inputs)
+        except ValueError as err:
+            raise snapshot.SnapshotError(f'--transfer: {transfer} does not fit the network being trained ({err})') from None
     if state is not None:
         distributed.print0(f'Resuming from "{resume_state}"...')
         net.load_state_dict(state['net'])
