@@ -1,7 +1,7 @@
 """U-Nets (DDPM++, NCSN++, ADM) and EDM's preconditioning wrappers, extended for Patch Diffusion.
 
-Parameter and buffer names match NVlabs/edm, so official EDM and Patch Diffusion checkpoints load
-with strict=True. The preconditioners feed the network `pos_channels` extra pixel-coordinate
+Parameter and buffer names match NVlabs/edm, so EDM's and the official Patch Diffusion code's snapshots load
+with strict=True (training/snapshot.py, docs/compatibility.md). The preconditioners feed the network `pos_channels` extra pixel-coordinate
 channels next to the (scaled) noisy image; `pos_channels=0` is the plain EDM baseline.
 """
 
@@ -115,7 +115,7 @@ class GroupNorm(torch.nn.Module):
         return torch.nn.functional.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
-ATTN_IMPLS = ('sdpa', 'explicit')  # torch's scaled_dot_product_attention, or EDM's einsum path (bit-exact with EDM)
+ATTN_IMPLS = ('sdpa', 'explicit')  # torch's scaled_dot_product_attention, or attention as EDM's einsums
 
 
 class _AttentionWeights(torch.autograd.Function):
@@ -272,7 +272,7 @@ class SongUNet(torch.nn.Module):
         encoder_type: str = 'standard',                 # 'standard' (DDPM++), 'skip' or 'residual' (NCSN++).
         decoder_type: str = 'standard',                 # 'standard' or 'skip'.
         resample_filter: Sequence[float] = (1, 1),      # (1, 1) for DDPM++, (1, 3, 3, 1) for NCSN++.
-        attn_impl: str = 'sdpa',                        # Self-attention: 'sdpa' or 'explicit' (EDM's, bit-exact).
+        attn_impl: str = 'sdpa',                        # Self-attention: 'sdpa' or 'explicit' (EDM's einsums).
     ):
         for name, value, allowed in [('embedding_type', embedding_type, ('fourier', 'positional')),
                                      ('encoder_type', encoder_type, ('standard', 'skip', 'residual')),
@@ -398,7 +398,7 @@ class DhariwalUNet(torch.nn.Module):
         attn_resolutions: Sequence[int] = (32, 16, 8),  # Nominal resolutions with self-attention.
         dropout: float = 0.10,                          # Dropout inside the residual blocks.
         label_dropout: float = 0,                       # Probability of zeroing class labels in training.
-        attn_impl: str = 'sdpa',                        # Self-attention: 'sdpa' or 'explicit' (EDM's, bit-exact).
+        attn_impl: str = 'sdpa',                        # Self-attention: 'sdpa' or 'explicit' (EDM's einsums).
     ):
         super().__init__()
         self.img_resolution = img_resolution
