@@ -1,0 +1,145 @@
+"""Behaviour that silently changes every result when wrong, each stated independently of the code under test:
+preconditioning inputs, per-seed labels, FID with non-commuting covariances, labels of subsets and mirrors,
+atomic writes, and gradient accumulation."""
+
+import json
+import math
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+import scipy.linalg
+import torch
+
+import fid
+from training.dataset import ImageFolderDataset
+from training.networks import EDMPrecond
+from training.sampler import generate_images
+from training.snapshot import atomic_write
+from training.training_loop import optimizer_step
+
+
+def tiny_net(**kwargs) -> EDMPrecond:
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=16, img_channels=3, model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                     attn_resolutions=[], dropout=0, **kwargs)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # the zero-initialised output layer would hide what the inputs do
+    return net
+
+
+def test_inner_network_gets_c_in_times_x_and_the_raw_coordinates():
+    net = tiny_net().eval()
+    seen = []
+    net.model.register_forward_pre_hook(lambda module, args: seen.append(args))
+    g = torch.Generator().manual_seed(0)
+    x, x_pos = torch.randn([2, 3, 16, 16], generator=g), torch.rand([2, 2, 16, 16], generator=g) * 2 - 1
+    sigma = torch.tensor([0.2, 3.0])
+    net(x, sigma, x_pos)
+    inputs, noise_labels = seen[0][0], seen[0][1]
+    c_in = (1 / (sigma ** 2 + 0.5 ** 2).sqrt()).reshape(-1, 1, 1, 1)  # EDM, Table 1
+    assert torch.allclose(inputs[:, :3], c_in * x, rtol=1e-6, atol=0) and torch.equal(inputs[:, 3:], x_pos)
+    assert torch.allclose(noise_labels, sigma.log() / 4)
+
+
+class LabelRecorder(torch.nn.Module):
+    """A conditional 'network' that returns zeros and records the labels of every call."""
+    img_channels, img_resolution, label_dim, pos_channels, sigma_min, sigma_max = 3, 8, 5, 0, 0, float('inf')
+
+    def __init__(self):
+        super().__init__()
+        self.labels = []
+
+    def forward(self, x, sigma, class_labels=None, **kwargs):
+        self.labels.append(class_labels.argmax(1))
+        return torch.zeros_like(x)
+
+
+def classes_of(seeds):
+    net = LabelRecorder()
+    generate_images(net, seeds, torch.device('cpu'), num_steps=2)
+    return dict(zip(seeds, net.labels[0].tolist()))
+
+
+def test_random_class_of_image_k_depends_only_on_seed_k():
+    alone = {seed: classes_of([seed])[seed] for seed in range(8)}
+    assert classes_of(list(range(8))) == alone and classes_of([7, 3, 5]) == {s: alone[s] for s in (7, 3, 5)}
+    torch.manual_seed(123)  # the global generator plays no part
+    assert classes_of([2, 6]) == {2: alone[2], 6: alone[6]}
+    assert len(set(alone.values())) > 1
+
+
+def test_fid_with_non_commuting_covariances():
+    # 2x2 by hand: S1 S2 has trace 20 and determinant det(S1) det(S2) = 1.75 * 9 = 15.75, and for a 2x2 matrix A with
+    # positive eigenvalues tr sqrt(A) = sqrt(tr A + 2 sqrt(det A)), so tr sqrt(S1 S2) = sqrt(20 + 2 sqrt(15.75)).
+    s1, s2 = np.array([[2.0, 1.5], [1.5, 2.0]]), np.array([[1.0, 0.0], [0.0, 9.0]])
+    assert not np.allclose(s1 @ s2, s2 @ s1)
+    mu1, mu2 = np.array([0.5, -1.0]), np.array([0.0, 1.0])
+    expected = 0.25 + 4 + 4 + 10 - 2 * math.sqrt(20 + 2 * math.sqrt(15.75))
+    assert fid.calculate_fid(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-12)
+    wrong = 0.25 + 4 + 4 + 10 - 2 * np.trace(scipy.linalg.sqrtm(s1) @ scipy.linalg.sqrtm(s2)).real
+    assert abs(wrong - expected) > 0.2  # the test tells sqrtm(S1) sqrtm(S2) apart from sqrtm(S1 S2)
+    # 64 dimensions, random non-commuting covariances: scipy's sqrtm of the product in float64, as EDM computes it.
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=[200, 64]) @ rng.normal(size=[64, 64]), rng.normal(size=[200, 64]) * rng.uniform(0.5, 2, size=64)
+    c1, c2, m1, m2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False), a.mean(0), b.mean(0)
+    reference = np.sum((m1 - m2) ** 2) + np.trace(c1 + c2 - 2 * scipy.linalg.sqrtm(c1 @ c2).real)
+    assert fid.calculate_fid(m1, c1, m2, c2) == pytest.approx(reference, rel=1e-9)
+
+
+def test_labels_follow_their_images_with_max_images_and_xflip(tmp_path):
+    """Each image's pixels encode its stored label, so a label read for the wrong file shows."""
+    labels = {}
+    for i in range(20):
+        label = (i * 7) % 5
+        PIL.Image.fromarray(np.full([8, 8, 3], 40 * label + i % 2, dtype=np.uint8)).save(tmp_path / f'img{i:02d}.png')
+        labels[f'img{i:02d}.png'] = label
+    (tmp_path / 'dataset.json').write_text(json.dumps(dict(labels=[[name, label] for name, label in labels.items()])))
+    for max_size, xflip in [(None, False), (7, False), (7, True), (None, True)]:
+        dataset = ImageFolderDataset(str(tmp_path), max_size=max_size, xflip=xflip, use_labels=True, random_seed=3)
+        assert len(dataset) == (max_size or 20) * (2 if xflip else 1)
+        for idx in range(len(dataset)):
+            image, label = dataset[idx]
+            assert int(np.argmax(label)) == int(image[0, 0, 0]) // 40, (max_size, xflip, idx)
+
+
+def test_atomic_write_that_fails_half_way_keeps_the_old_file(tmp_path):
+    path = tmp_path / 'snapshot.pkl'
+    path.write_bytes(b'old contents')
+
+    def fails(f):
+        f.write(b'half of the new')
+        raise RuntimeError('disk full')
+    with pytest.raises(RuntimeError, match='disk full'):
+        atomic_write(str(path), fails)
+    assert path.read_bytes() == b'old contents' and os.listdir(tmp_path) == ['snapshot.pkl']
+    atomic_write(str(path), lambda f: f.write(b'new'))
+    assert path.read_bytes() == b'new' and os.listdir(tmp_path) == ['snapshot.pkl']
+
+
+def deterministic_loss(net, images, patch_size=None, labels=None, augment_pipe=None):
+    """Per-pixel denoising error at a fixed sigma with noise derived from the images: no random numbers."""
+    sigma = torch.full([len(images)], 0.7)
+    noise = torch.sin(images * 37.0 + 1.0)
+    return (net(images + 0.7 * noise, sigma, torch.zeros([len(images), 2, 16, 16])) - images).square()
+
+
+@pytest.mark.parametrize('loss_norm', ['image', 'pixel'])
+def test_gradient_accumulation_rounds_equal_one_round(loss_norm):
+    images = torch.randn([8, 3, 16, 16], generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for rounds in (1, 2, 4):
+        net = tiny_net()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0)
+        chunks = iter(images.chunk(rounds))
+        optimizer_step(net, optimizer, deterministic_loss, lambda multiplier: (next(chunks), None), 16, 1, rounds, lr=0.0,
+                       loss_norm=loss_norm)
+        grads[rounds] = torch.cat([p.grad.flatten() for p in net.parameters()])
+    # One round by hand: the loss summed over every pixel and divided by the number of images.
+    net = tiny_net()
+    deterministic_loss(net, images).sum().div(len(images)).backward()
+    by_hand = torch.cat([p.grad.flatten() for p in net.parameters()])
+    for rounds in (1, 2, 4):
+        assert torch.allclose(grads[rounds], by_hand, rtol=1e-4, atol=1e-7), rounds
