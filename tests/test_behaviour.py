@@ -16,7 +16,7 @@ import fid
 from training.dataset import ImageFolderDataset
 from training.networks import EDMPrecond
 from training.sampler import generate_images
-from training.snapshot import atomic_write
+from training.snapshot import atomic_write, newest_state
 from training.training_loop import optimizer_step
 
 
@@ -143,3 +143,45 @@ def test_gradient_accumulation_rounds_equal_one_round(loss_norm):
     by_hand = torch.cat([p.grad.flatten() for p in net.parameters()])
     for rounds in (1, 2, 4):
         assert torch.allclose(grads[rounds], by_hand, rtol=1e-4, atol=1e-7), rounds
+
+
+def two_steps(tmp_path, data, name, options):
+    """train.py for one step, then resumed for a second (in the same run directory): the states after each."""
+    import training_helpers as h
+    outdir = tmp_path / name
+    args = [f'--outdir={outdir}', f'--data={data}', *h.TINY, '--batch=8', '--tick=0.000001', '--snap=100', '--dump=1', '--seed=1',
+            *options]
+    load = lambda path: torch.load(path, map_location='cpu', weights_only=False)  # noqa: E731
+    proc = h.run_train(*args, '--duration=0.000008')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state_path = newest_state(h.only_run_dir(str(outdir)))
+    first = load(state_path)
+    proc = h.run_train(*args, f'--duration={(first["cur_nimg"] + 1) / 1e6}', f'--resume={state_path}')  # one more step
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return first, load(newest_state(h.only_run_dir(str(outdir))))
+
+
+@pytest.mark.parametrize('case', ['rampup-binds', 'rampup-free-with-patches'])
+def test_ema_and_learning_rate_follow_edms_formulas(tmp_path, case):
+    """EMA: ema_2 = beta ema_1 + (1 - beta) net_2 with beta = 0.5 ** (step images / min(half-life, ratio * images so far));
+    lr = base * min(1, images so far / ramp-up images). Half-life 20 images, lr ramp-up 40 images, batch 8."""
+    import training_helpers as h
+    data = h.make_dataset(str(tmp_path / 'data.zip'))
+    ratio, options = {'rampup-binds': (0.5, ['--patch=off']), 'rampup-free-with-patches': (1000, ['--real_p=0'])}[case]
+    s1, s2 = two_steps(tmp_path, data, case, ['--ema=0.00002', f'--ema-rampup={ratio}', '--lr-rampup=0.00004', '--lr=0.001', *options])
+    n1, n2 = s1['cur_nimg'], s2['cur_nimg']
+    assert n1 == 8 * (1 if case == 'rampup-binds' else s1['cur_nimg'] // 8) and n2 > n1
+    # Step 1 starts from 0 images: lr 0 and an EMA that takes the network's weights.
+    assert s1['optimizer']['param_groups'][0]['lr'] == 0
+    for name, value in s1['ema'].items():
+        assert torch.equal(value, s1['net'][name]), name
+    assert s2['optimizer']['param_groups'][0]['lr'] == pytest.approx(0.001 * min(1, n1 / 40), rel=1e-12)
+    beta = 0.5 ** ((n2 - n1) / min(20, ratio * n1))
+    assert beta == pytest.approx(0.25 if case == 'rampup-binds' else 0.5 ** ((n2 - n1) / 20))  # 0.5 ** (8 / 4)
+    changed = 0
+    for name, value in s2['ema'].items():
+        if value.is_floating_point() and name in dict(s2['net']):
+            expected = beta * s1['ema'][name].double() + (1 - beta) * s2['net'][name].double()
+            assert torch.allclose(value.double(), expected, rtol=1e-5, atol=1e-7), name
+            changed += not torch.equal(s2['net'][name], s1['net'][name])
+    assert changed > 10  # the second step moved the weights, so the check above has something to average
