@@ -185,3 +185,27 @@ def test_ema_and_learning_rate_follow_edms_formulas(tmp_path, case):
             assert torch.allclose(value.double(), expected, rtol=1e-5, atol=1e-7), name
             changed += not torch.equal(s2['net'][name], s1['net'][name])
     assert changed > 10  # the second step moved the weights, so the check above has something to average
+
+
+def _schedule_check(seed_offset_per_rank: int):
+    import time
+    from torch_utils import distributed, misc
+    from training.patch import PatchSchedule
+    distributed.init('cpu')
+    rank = distributed.get_rank()
+    schedule = PatchSchedule(32, seed=1 + rank * seed_offset_per_rank)
+    start = time.time()
+    try:
+        misc.check_same_on_all_ranks(schedule.upcoming(64), 'the patch sizes of the next 64 steps')
+        outcome = 'passed'
+    except RuntimeError as err:
+        outcome = str(err)
+    return outcome, time.time() - start, schedule.upcoming(3) == [schedule.sample() for _ in range(3)]
+
+
+def test_patch_sizes_that_differ_between_ranks_fail_at_once():
+    from multiproc import run_ranks
+    assert [r[0] for r in run_ranks(_schedule_check, 2, 0)] == ['passed', 'passed']
+    results = run_ranks(_schedule_check, 2, 1)  # each rank seeds its own schedule
+    for outcome, seconds, upcoming_is_next in results:
+        assert 'the patch sizes of the next 64 steps differ between ranks' in outcome and seconds < 10 and upcoming_is_next

@@ -78,6 +78,20 @@ def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Mo
             tensor.copy_(source)
 
 
+def check_same_on_all_ranks(values: Sequence[int], what: str) -> None:
+    """Raise on every rank, at once, if `values` differ between ranks (a no-op in a single process)."""
+    if not dist.is_initialized():
+        return
+    device = distributed.collective_device()
+    low = torch.tensor(list(values), dtype=torch.int64, device=device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(f'{what} differ between ranks (rank {distributed.get_rank()} starts {list(values)[:8]}); every rank must '
+                           'draw the same, from the same seed')
+
+
 def ddp_sync(module: torch.nn.Module, sync: bool):
     """Context for one gradient-accumulation round: skips DDP's all-reduce unless `sync` is True."""
     if isinstance(module, torch.nn.parallel.DistributedDataParallel) and not sync:

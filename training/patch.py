@@ -6,7 +6,7 @@ and the bottom-right pixel is (1, 1). A patch carries the coordinates it had in 
 whole image, as two channels [x, y].
 """
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -115,6 +115,14 @@ class PatchSchedule:
             if progress < end:
                 return size
         return self.resolution
+
+    def upcoming(self, count: int, progress: Optional[float] = None) -> List[int]:
+        """The sizes of the next `count` steps at `progress`, without drawing them (the generator is left as it was)."""
+        state = self.generator.get_state()
+        try:
+            return [self.sample(progress) for _ in range(count)]
+        finally:
+            self.generator.set_state(state)
 
     def batch_multiplier(self, size: int) -> int:
         """How many times more images a step with this patch size takes than a full-resolution step."""

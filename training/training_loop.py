@@ -311,6 +311,9 @@ def training_loop(
         else:
             distributed.print0(f'Warning: state was saved by {len(state["rng"])} processes, not {world_size}; '
                                'random streams restart, so the run continues but not bit-exactly.')
+    if schedule is not None:  # a schedule seeded per rank would give DDP different shapes and hang it
+        misc.check_same_on_all_ranks(schedule.upcoming(64, progress=min(cur_nimg / max(total_kimg * 1000, 1), 1)),
+                                     'the patch sizes of the next 64 steps')
     if channels_last:
         net.to(memory_format=torch.channels_last)  # the same Parameter objects, so the optimizer keeps them
     _match_param_layouts(optimizer)
