@@ -194,3 +194,12 @@ def test_train_py_transfers_from_an_edm_pickle(tmp_path):
                        '--duration=0.00002', '--snap=1', '--dump=1')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'Transferring weights from' in proc.stdout and not (tmp_path / 'x').exists()
+
+
+def test_a_training_state_that_would_run_code_is_refused(tmp_path):
+    from training.snapshot import load_state
+    marker = tmp_path / 'executed'
+    torch.save(dict(net={}, ema={}, optimizer=CallsOsSystem(str(marker))), tmp_path / 'state.pt')
+    with pytest.raises(SnapshotError) as err:
+        load_state(str(tmp_path / 'state.pt'))
+    assert 'names posix.system' in str(err.value) and '\n' not in str(err.value) and not marker.exists()

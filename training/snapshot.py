@@ -8,6 +8,7 @@ import tempfile
 import zipfile
 from typing import Any, Callable, Dict, Optional
 
+import numpy as np
 import torch
 
 import dnnlib
@@ -114,6 +115,12 @@ def network_from_persisted(record: Persisted, path: str) -> torch.nn.Module:
     return net
 
 
+_NUMPY = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
+# What a training state holds besides tensors and plain containers: numpy arrays and scalars of the RNG states.
+_STATE_GLOBALS = [_NUMPY._reconstruct, _NUMPY.scalar, np.ndarray, np.dtype,
+                  *{type(np.dtype(t)) for t in (np.uint8, np.uint32, np.int32, np.int64, np.float32, np.float64, np.bool_)}]
+
+
 def save_state(path: str, state: Dict[str, Any]) -> None:
     """Write a training-state file atomically."""
     atomic_write(path, lambda f: torch.save(state, f))
@@ -122,9 +129,14 @@ def save_state(path: str, state: Dict[str, Any]) -> None:
 def load_state(path: str) -> Dict[str, Any]:
     """Read a training-state file written by save_state()."""
     try:
-        state = torch.load(path, map_location='cpu', weights_only=False)
+        with torch.serialization.safe_globals(_STATE_GLOBALS):
+            state = torch.load(path, map_location='cpu', weights_only=True)  # runs no code from the file
     except FileNotFoundError:
         raise SnapshotError(f'--resume: {path} does not exist') from None
+    except pickle.UnpicklingError as err:
+        found = re.search(r'GLOBAL (\S+)', str(err))
+        raise SnapshotError(f'--resume: {path} names {found.group(1) if found else "a global"}, which no training state holds; '
+                            'not loaded, nothing from the file was run') from None
     except Exception as err:  # noqa: BLE001 - truncation shows up as several different error types
         raise SnapshotError(f'--resume: {path} is corrupt or truncated ({type(err).__name__}: {err})') from None
     required = ('net', 'ema', 'optimizer', 'cur_nimg', 'cur_tick', 'consumed', 'rng', 'seed', 'schedule')
