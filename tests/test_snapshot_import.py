@@ -203,3 +203,12 @@ def test_a_training_state_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(SnapshotError) as err:
         load_state(str(tmp_path / 'state.pt'))
     assert 'names posix.system' in str(err.value) and '\n' not in str(err.value) and not marker.exists()
+
+
+def test_a_weights_only_file_builds_only_this_projects_networks(tmp_path):
+    marker = tmp_path / 'executed'
+    torch.save(dict(class_name='subprocess.Popen', init_kwargs=dict(args=f'touch {marker}', shell=True), state_dict={}),
+               tmp_path / 'evil.pt')
+    with pytest.raises(SnapshotError, match="its class_name 'subprocess.Popen' is not one of this project's networks"):
+        load_network(str(tmp_path / 'evil.pt'))
+    assert not marker.exists()

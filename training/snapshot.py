@@ -64,8 +64,13 @@ def load_network(path_or_url: str, device: torch.device = torch.device('cpu')) -
     if zipfile.is_zipfile(io.BytesIO(data)):
         try:
             weights = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
-            net = dnnlib.construct_class_by_name(class_name=weights['class_name'], **weights['init_kwargs'])
+            module, _, name = str(weights['class_name']).rpartition('.')
+            if module != 'training.networks' or name not in PRECONDS:  # the file names the class: only ours are built
+                raise SnapshotError(f'{path_or_url}: its class_name {weights["class_name"]!r} is not one of this project\'s networks')
+            net = getattr(networks, name)(**weights['init_kwargs'])
             net.load_state_dict(weights['state_dict'])
+        except SnapshotError:
+            raise
         except Exception as err:  # noqa: BLE001 - any failure here means the file is not one of our .pt snapshots
             raise SnapshotError(f'{path_or_url}: not a weights-only network snapshot ({type(err).__name__}: {err})') from None
     else:
