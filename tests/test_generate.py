@@ -23,6 +23,9 @@ def snapshot(tmp_path_factory):
     torch.manual_seed(0)
     net = EDMPrecond(img_resolution=16, img_channels=3, label_dim=3, model_channels=8, channel_mult=[1, 2], num_blocks=1,
                      attn_resolutions=[8]).eval()
+    with torch.no_grad():  # untrained, the zero-initialised output layer would make labels and guidance invisible
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
     stem = str(tmp_path_factory.mktemp('snap') / 'network-snapshot-000000')
     save_network_snapshot(stem, dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs={}))
     return stem
@@ -171,3 +174,20 @@ def test_grid_enlarges_small_samples_by_whole_nearest_factors(tmp_path):
     assert (grid[144:, 144:] == 0).all()  # the empty fourth cell stays black
     save_image_grid(images, str(tmp_path / 'large.png'), cols=3, min_tile=16)  # already wide enough: 1:1
     assert PIL.Image.open(tmp_path / 'large.png').size == (72, 24)
+
+
+def test_class_and_guidance_reach_the_sampler(snapshot, tmp_path):
+    """generate.py --class/--cfg give the images of generate_images() with those settings, and each setting shows."""
+    from training.sampler import generate_images
+    from training.snapshot import load_network
+    net = load_network(snapshot + '.pkl')
+    images = {}
+    for class_idx, cfg in [(2, 1.5), (2, 1.0), (1, 1.5)]:
+        outdir = tmp_path / f'{class_idx}-{cfg}'
+        result = run_cli('--network', snapshot + '.pkl', '--seeds', '0-2', '--outdir', outdir, '--class', class_idx, '--cfg', cfg,
+                         '--device', 'cpu', *STEPS)
+        assert result.exit_code == 0, result.output
+        images[class_idx, cfg] = np.stack(list(read_dir(outdir).values()))
+        expected = generate_images(net, [0, 1, 2], torch.device('cpu'), class_idx=class_idx, cfg=cfg, num_steps=4)
+        assert np.array_equal(images[class_idx, cfg], expected.permute(0, 2, 3, 1).numpy())
+    assert not np.array_equal(images[2, 1.5], images[2, 1.0]) and not np.array_equal(images[2, 1.5], images[1, 1.5])
