@@ -192,3 +192,41 @@ def test_device_crop_after_uint8_transfer_equals_host_crop(device):
     host = np.stack([images[i, :, t:t + 8, l:l + 8].numpy() for i, (t, l) in enumerate(zip(top.tolist(), left.tolist()))])
     assert torch.equal(patches.cpu(), torch.from_numpy(host).to(torch.float32) / 127.5 - 1)
     assert torch.equal(coords.cpu(), torch.stack([coordinate_grid(32, 8, top=t, left=l) for t, l in zip(top.tolist(), left.tolist())]))
+
+
+def test_windows_at_the_far_edges_are_allowed_and_one_pixel_further_is_not():
+    """The valid corners are 0..R-s on each axis, inclusive (both ends checked on both axes)."""
+    from training.patch import coordinate_grid, crop_at
+    R, s = 16, 4
+    images = torch.arange(2 * 3 * R * R, dtype=torch.float32).reshape(2, 3, R, R)
+    for top, left in [(R - s, 0), (0, R - s), (R - s, R - s)]:
+        grid = coordinate_grid(R, s, top=top, left=left)
+        assert grid[0, 0, -1] == 1 if left == R - s else grid[0, 0, 0] == -1  # x of the last column is +1 at the edge
+        patches, _ = crop_at(images, torch.tensor([top, top]), torch.tensor([left, left]), s)
+        assert torch.equal(patches, images[:, :, top:top + s, left:left + s])
+    for top, left in [(R - s + 1, 0), (0, R - s + 1), (-1, 0), (0, -1)]:
+        with pytest.raises(ValueError):
+            coordinate_grid(R, s, top=top, left=left)
+        with pytest.raises(ValueError):
+            crop_at(images, torch.tensor([top, 0]), torch.tensor([left, 0]), s)
+
+
+def test_schedule_sizes_are_whole_pixels_down_to_one():
+    from training.patch import PatchSchedule
+    for latent, resolution in [(False, 4), (False, 64), (True, 2), (True, 32)]:
+        schedule = PatchSchedule(resolution, latent=latent)
+        assert all(type(size) is int for size in schedule.sizes) and schedule.sizes[-1] >= 1
+        assert all(type(schedule.sample()) is int for _ in range(20))
+    with pytest.raises(ValueError, match='resolution must be at least 4 '):
+        PatchSchedule(2)  # the R//4 patch would be 0 pixels
+    with pytest.raises(ValueError, match='resolution must be at least 2 '):
+        PatchSchedule(1, latent=True)
+
+
+def test_crop_at_checks_top_and_left_shapes_separately():
+    from training.patch import crop_at
+    images = torch.zeros([2, 3, 8, 8])
+    for top, left in [(torch.zeros(3, dtype=torch.long), torch.zeros(2, dtype=torch.long)),
+                      (torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long))]:
+        with pytest.raises(ValueError, match=r'top and left must have shape \[2\]'):
+            crop_at(images, top, left, 4)
