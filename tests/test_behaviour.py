@@ -200,7 +200,10 @@ def _schedule_check(seed_offset_per_rank: int):
         outcome = 'passed'
     except RuntimeError as err:
         outcome = str(err)
-    return outcome, time.time() - start, schedule.upcoming(3) == [schedule.sample() for _ in range(3)]
+    seconds = time.time() - start
+    torch.distributed.barrier()  # both ranks are done with the group before either tears it down
+    torch.distributed.destroy_process_group()
+    return outcome, seconds, schedule.upcoming(3) == [schedule.sample() for _ in range(3)]
 
 
 def test_patch_sizes_that_differ_between_ranks_fail_at_once():
