@@ -27,7 +27,7 @@ from generate import open_decoder, parse_int_list, resolve_sampling, sampling_op
 from torch_utils import distributed
 from training import demo_shapes
 from training.dataset import DatasetError, ImageFolderDataset
-from training.detector import DETECTOR_URL, OFFLINE_NAME, ONLINE_NAME, DetectorError, load_detector
+from training.detector import DETECTOR_URL, OFFLINE_NAME, ONLINE_NAME, DetectorError, detector_source, load_detector
 from training.evaluate import heldout_loss
 from training.images import save_image_grid
 from training.sampler import generate_images
@@ -36,7 +36,7 @@ from training.snapshot import SnapshotError, atomic_write, load_network
 def open_detector(name_or_path: str, device: torch.device) -> Tuple[torch.nn.Module, str]:
     """load_detector() for the command line: rank 0 downloads first, and failures end with their one-line message."""
     try:
-        return _rank0_first(load_detector, DETECTOR_URL if name_or_path == ONLINE_NAME else name_or_path, device, distributed.print0)
+        return _rank0_first(load_detector, detector_source(name_or_path), device, distributed.print0)
     except DetectorError as err:
         raise click.ClickException(str(err))
 

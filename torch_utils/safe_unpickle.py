@@ -69,7 +69,11 @@ def _load_storage(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
-_CONTAINERS = ('ModuleDict', 'ModuleList', 'Sequential', 'ParameterDict', 'ParameterList', 'Identity', 'SiLU', 'Dropout')
+_CONTAINERS = {'torch.nn.modules.container': ('ModuleDict', 'ModuleList', 'Sequential', 'ParameterDict', 'ParameterList'),
+               'torch.nn.modules.linear': ('Identity',), 'torch.nn.modules.activation': ('SiLU',),
+               'torch.nn.modules.dropout': ('Dropout',)}
+_MULTIARRAY = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray  # numpy 2 renamed numpy.core
+NUMPY_GLOBALS = [_MULTIARRAY._reconstruct, _MULTIARRAY.scalar, np.ndarray, np.dtype]  # numpy arrays and scalars
 ALLOWED: Dict[Tuple[str, str], Any] = {
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): Persisted,
     ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
@@ -85,10 +89,9 @@ ALLOWED: Dict[Tuple[str, str], Any] = {
     ('builtins', 'slice'): slice,
     ('numpy', 'dtype'): np.dtype,
     ('numpy', 'ndarray'): np.ndarray,
-    **{(module, name): getattr(np._core.multiarray if hasattr(np, '_core') else np.core.multiarray, name)
+    **{(module, name): getattr(_MULTIARRAY, name)
        for module in ('numpy.core.multiarray', 'numpy._core.multiarray') for name in ('scalar', '_reconstruct')},
-    **{(module, name): _container(name) for name in _CONTAINERS
-       for module in ('torch.nn.modules.container', 'torch.nn.modules.linear', 'torch.nn.modules.activation', 'torch.nn.modules.dropout')},
+    **{(module, name): _container(name) for module, names in _CONTAINERS.items() for name in names},
 }
 _DTYPES = {name for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype)}
 

@@ -93,6 +93,11 @@ def _load_file(path_or_url: str) -> torch.nn.Module:
     return detector
 
 
+def detector_source(name_or_path: str) -> str:
+    """The file or URL a --detector value stands for: DETECTOR_URL for `inception`, the value itself otherwise."""
+    return DETECTOR_URL if name_or_path == ONLINE_NAME else name_or_path
+
+
 def load_detector(name_or_path: str = ONLINE_NAME, device: torch.device = torch.device('cpu'),
                   log: Callable[[str], None] = print) -> Tuple[torch.nn.Module, str]:
     """The detector called `name_or_path` (inception, inception-offline, a file or a URL) and the name of what was loaded.
@@ -102,7 +107,7 @@ def load_detector(name_or_path: str = ONLINE_NAME, device: torch.device = torch.
     """
     if name_or_path == OFFLINE_NAME:
         return load_offline_inception(device), OFFLINE_NAME
-    path_or_url = DETECTOR_URL if name_or_path == ONLINE_NAME else name_or_path
+    path_or_url = detector_source(name_or_path)
     try:
         detector = _load_file(path_or_url)
     except IOError as err:

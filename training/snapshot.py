@@ -13,7 +13,7 @@ import torch
 
 import dnnlib
 from torch_utils import persistence
-from torch_utils.safe_unpickle import Persisted, UnsafePickleError, loads, named_tensors
+from torch_utils.safe_unpickle import NUMPY_GLOBALS, Persisted, UnsafePickleError, loads, named_tensors
 from training import networks
 
 
@@ -120,9 +120,8 @@ def network_from_persisted(record: Persisted, path: str) -> torch.nn.Module:
     return net
 
 
-_NUMPY = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
 # What a training state holds besides tensors and plain containers: numpy arrays and scalars of the RNG states.
-_STATE_GLOBALS = [_NUMPY._reconstruct, _NUMPY.scalar, np.ndarray, np.dtype,
+_STATE_GLOBALS = [*NUMPY_GLOBALS,
                   *{type(np.dtype(t)) for t in (np.uint8, np.uint32, np.int32, np.int64, np.float32, np.float64, np.bool_)}]
 
 
