@@ -17,7 +17,7 @@ from training.dataset import ImageFolderDataset
 from training.networks import EDMPrecond
 from training.sampler import generate_images
 from training.snapshot import atomic_write, newest_state
-from training.training_loop import optimizer_step
+from training.training_loop import ema_beta, optimizer_step, ramped_lr, update_ema
 
 
 def tiny_net(**kwargs) -> EDMPrecond:
@@ -185,6 +185,36 @@ def test_ema_and_learning_rate_follow_edms_formulas(tmp_path, case):
             assert torch.allclose(value.double(), expected, rtol=1e-5, atol=1e-7), name
             changed += not torch.equal(s2['net'][name], s1['net'][name])
     assert changed > 10  # the second step moved the weights, so the check above has something to average
+
+
+@pytest.mark.parametrize('cur_nimg, rampup_kimg, expected', [
+    (0, 10, 0.0), (2500, 10, 0.25), (10000, 10, 1.0), (25000, 10, 1.0),  # linear in images, then flat
+    (512, 0.001, 1.0), (0, 0, 0.0), (1, 0, 1.0)])                      # a ramp-up of 0 images is no ramp-up
+def test_learning_rate_ramp_up_is_linear_in_images(cur_nimg, rampup_kimg, expected):
+    assert ramped_lr(0.01, cur_nimg, rampup_kimg) == pytest.approx(0.01 * expected, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize('cur_nimg, step_nimg, halflife_kimg, ratio, halflife_nimg', [
+    (1000, 100, 0.5, 0.05, 50),          # ramp-up binds: half-life = 5% of the images so far
+    (100000, 100, 0.5, 0.05, 500),       # it does not: 5% of 100k images exceeds 500
+    (1000, 400, 0.5, None, 500),         # no ramp-up
+    (1000, 400, 0.5, 0.5, 500),          # the two are equal
+    (2000, 256, 10, 0.05, 100)])
+def test_ema_beta_halves_the_old_weight_once_per_half_life(cur_nimg, step_nimg, halflife_kimg, ratio, halflife_nimg):
+    assert ema_beta(cur_nimg, step_nimg, halflife_kimg, ratio) == pytest.approx(2 ** (-step_nimg / halflife_nimg), rel=1e-12)
+
+
+def test_ema_beta_at_the_first_step_takes_the_network_weights():
+    assert ema_beta(0, 64, 500, 0.05) == 0.0
+    assert ema_beta(0, 64, 500, None) == pytest.approx(2 ** (-64 / 500000), rel=1e-12)
+
+
+def test_update_ema_moves_each_parameter_by_one_minus_beta():
+    ema, net = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    old = {name: p.detach().clone() for name, p in ema.named_parameters()}
+    update_ema(ema, net, 0.75)
+    for name, p in ema.named_parameters():
+        torch.testing.assert_close(p, 0.75 * old[name] + 0.25 * dict(net.named_parameters())[name].detach(), rtol=1e-6, atol=0)
 
 
 def _schedule_check(seed_offset_per_rank: int):

@@ -205,6 +205,26 @@ def optimizer_step(ddp: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_
         scaler.update()
 
 
+def ramped_lr(base_lr: float, cur_nimg: int, rampup_kimg: float) -> float:
+    """The learning rate after `cur_nimg` training images: linear ramp-up over `rampup_kimg`, as in EDM."""
+    return base_lr * min(cur_nimg / max(rampup_kimg * 1000, 1e-8), 1)
+
+
+def ema_beta(cur_nimg: int, step_nimg: int, halflife_kimg: float, rampup_ratio: Optional[float]) -> float:
+    """EDM's EMA decay for a step of `step_nimg` images taken at `cur_nimg`: a half-life in images, capped by the ramp-up."""
+    halflife_nimg = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        halflife_nimg = min(halflife_nimg, cur_nimg * rampup_ratio)
+    return 0.5 ** (step_nimg / max(halflife_nimg, 1e-8))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
+    """ema <- beta * ema + (1 - beta) * net, parameter by parameter."""
+    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+        p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+
+
 def training_loop(
     run_dir: str,
     dataset_kwargs: dict,
@@ -338,7 +358,7 @@ def training_loop(
         while True:
             size = schedule.sample(progress=min(cur_nimg / max(total_nimg, 1), 1)) if schedule else resolution
             multiplier = schedule.batch_multiplier(size) if schedule else 1
-            lr = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+            lr = ramped_lr(optimizer_kwargs['lr'], cur_nimg, lr_rampup_kimg)
             step_start = time.perf_counter()
             optimizer_step(ddp, optimizer, loss_fn, batches.next_round, size, multiplier, num_rounds, lr,
                            augment_pipe=augment_pipe, loss_scaling=loss_scaling, scaler=scaler,
@@ -347,13 +367,7 @@ def training_loop(
             consumed += num_rounds * multiplier * batch_gpu
 
             step_nimg = batch_size * multiplier
-            ema_nimg = ema_halflife_kimg * 1000
-            if ema_rampup_ratio is not None:
-                ema_nimg = min(ema_nimg, cur_nimg * ema_rampup_ratio)
-            ema_beta = 0.5 ** (step_nimg / max(ema_nimg, 1e-8))
-            with torch.no_grad():
-                for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                    p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+            update_ema(ema, net, ema_beta(cur_nimg, step_nimg, ema_halflife_kimg, ema_rampup_ratio))
             cur_nimg += step_nimg
             training_stats.report('Patch/size', float(size))
 
