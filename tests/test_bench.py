@@ -1,15 +1,17 @@
 """Smoke tests of the bench/ scripts on tiny networks on the CPU (a few seconds each)."""
 
 import json
+import os
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from bench import sample_speed, train_throughput
+from bench import sample_speed, train_throughput, vs_official
 from training.patch import PatchSchedule
 
 TINY = ['--preset=demo', '--device=cpu', '--cbase=8']
+OFFICIAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.baselines', 'patch-diffusion')
 
 
 @pytest.fixture(autouse=True)
@@ -87,19 +89,67 @@ def test_progressive_block_sweeps_all_sizes_in_their_shares():
     assert trainer.draw_sizes(10) == [8] * 2 + [16] * 3 + [32] * 5
 
 
-def test_train_throughput_modes_report_speedup_over_reference(tmp_path):
+def test_train_throughput_modes_report_speedup_over_fp32(tmp_path):
     path = tmp_path / 'modes.json'
     output = invoke(train_throughput.main, TINY + ['--batch-gpu=2', '--warmup=1', '--blocks=1', '--steps-per-block=1',
-                                                   '--configs=full,p=0.5', '--modes=fp32-ref,fp32+cl,bf16', f'--json={path}'])
+                                                   '--configs=full,p=0.5', '--modes=fp32,fp32+cl,bf16', f'--json={path}'])
     rows = json.loads(path.read_text())['rows']
-    assert list(rows) == [f'{c} {m}' for m in ('fp32-ref', 'fp32+cl', 'bf16') for c in ('full', 'p=0.5')]
-    assert 'speedup vs fp32-ref' in output
+    assert list(rows) == [f'{c} {m}' for m in ('fp32', 'fp32+cl', 'bf16') for c in ('full', 'p=0.5')]
+    assert 'speedup vs fp32' in output and 'fp32-ref' not in output
     for key, row in rows.items():
-        ref, full, full_ref = rows[f'{row["config"]} fp32-ref'], rows[f'full {row["mode"]}'], rows['full fp32-ref']
-        assert row['speedup_vs_ref'] == pytest.approx(ref['sec_per_step_mean'] / row['sec_per_step_mean'])
+        ref, full, full_ref = rows[f'{row["config"]} fp32'], rows[f'full {row["mode"]}'], rows['full fp32']
+        assert row['speedup_vs_fp32'] == pytest.approx(ref['sec_per_step_mean'] / row['sec_per_step_mean'])
         assert row['images_per_sec_ratio'] == pytest.approx(row['images_per_sec'] / full['images_per_sec'])
-        assert row['kimg_ratio_vs_full_ref'] == pytest.approx(row['images_per_sec'] / full_ref['images_per_sec'])
-    assert rows['full fp32-ref']['speedup_vs_ref'] == 1
+        assert row['kimg_ratio_vs_full_fp32'] == pytest.approx(row['images_per_sec'] / full_ref['images_per_sec'])
+    assert rows['full fp32']['speedup_vs_fp32'] == 1
+
+
+def test_vs_official_per_kimg_by_hand():
+    """p=0.5 at 32x32: probabilities 0.5, 0.3, 0.2 for 32, 16, 8 with x1, x2, x4 batches of 16."""
+    schedule = PatchSchedule(32, real_p=0.5)
+    seconds = {32: 0.5, 16: 0.25, 8: 0.125}
+    images = 16 * (0.5 * 1 + 0.3 * 2 + 0.2 * 4)          # 30.4 images per step on average
+    time = 0.5 * 0.5 + 0.3 * 0.25 + 0.2 * 0.125          # 0.35 s per step on average
+    assert vs_official.per_kimg(seconds, schedule, 16, {32: 1, 16: 2, 8: 4}) == pytest.approx(images / time / 1e3, rel=1e-12)
+
+
+def test_vs_official_uses_the_official_batch_multipliers_where_it_has_them():
+    assert [vs_official.official_multiplier(64, s, 0) for s in (64, 32, 16)] == [1, 2, 4]
+    assert [vs_official.official_multiplier(256, s, 0) for s in (256, 128, 64)] == [1, 2, 8]  # its table's 8x at 256
+    assert vs_official.official_multiplier(32, 8, 4) == 4  # no entry for 8: this project's x4
+
+
+def test_vs_official_speedups_are_official_time_over_ours():
+    sizes, schedule = [32, 16, 8], PatchSchedule(32, real_p=0.5)
+    mul = {32: 1, 16: 2, 8: 4}
+    rounds = [{'official': dict(sec_per_step={'32': 1.0, '16': 0.6, '8': 0.4}, peak_gb=1, params=5),
+               'fp32': dict(sec_per_step={'32': 0.5, '16': 0.3, '8': 0.2}, peak_gb=1, params=5)},
+              {'official': dict(sec_per_step={'32': 3.0, '16': 0.6, '8': 0.4}, peak_gb=2, params=5),   # an outlier round
+               'fp32': dict(sec_per_step={'32': 0.5, '16': 0.3, '8': 0.1}, peak_gb=1, params=5)},
+              {'official': dict(sec_per_step={'32': 1.0, '16': 0.6, '8': 0.4}, peak_gb=1, params=5),
+               'fp32': dict(sec_per_step={'32': 0.5, '16': 0.3, '8': 0.2}, peak_gb=1, params=5)}]
+    rows = vs_official.summarize(rounds, ['official', 'fp32'], sizes, 16, schedule, {'official': mul, 'fp32': mul})
+    assert rows['official']['sec_per_step'] == {32: 1.0, 16: 0.6, 8: 0.4}  # medians: the outlier drops out
+    assert rows['fp32']['speedup_per_size'] == {32: 2.0, 16: 2.0, 8: 2.0}
+    assert rows['fp32']['speedup_at_p'] == pytest.approx(2.0)
+    assert rows['fp32']['p_vs_full'] == pytest.approx((0.5 + 0.6 + 0.8) / (0.25 + 0.09 + 0.04) * 0.5)
+    assert rows['official']['peak_gb'] == 2
+
+
+def test_vs_official_rejects_a_folder_that_is_not_the_official_code(tmp_path):
+    result = CliRunner().invoke(vs_official.main, [f'--official={tmp_path}'])
+    assert result.exit_code == 2 and 'training/patch_loss.py' in result.output
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(OFFICIAL, 'training', 'patch_loss.py')),
+                    reason=f'needs a checkout of the official Patch Diffusion code in {OFFICIAL}')
+def test_vs_official_runs_the_official_code(tmp_path):
+    path = tmp_path / 'vs.json'
+    invoke(vs_official.main, [f'--official={OFFICIAL}', *TINY, '--batch-gpu=2', '--rounds=1', '--warmup=0', '--steps=1',
+                              f'--json={path}'])
+    result = json.loads(path.read_text())
+    assert set(result['rows']) == {'official', 'fp32'} and result['official_fallback_sizes'] == [8]
+    assert result['rows']['official']['params'] == result['rows']['fp32']['params']  # the same network on both sides
 
 
 def test_bad_modes_option():
