@@ -170,3 +170,45 @@ def test_patch_loss_with_real_networks(model_type, model_kwargs, patch_size):
     assert loss.shape == (6, 3, patch_size, patch_size) and torch.isfinite(loss).all()
     loss.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
+
+#----------------------------------------------------------------------------
+# The noise-level formulas at points where their value is known by hand: the draws are replaced by constants.
+
+def _noise_level_at(monkeypatch, loss_fn, draw: float) -> torch.Tensor:
+    """sigma of noise_level() when every torch.rand / torch.randn draw returns `draw`."""
+    constant = lambda size, **kwargs: torch.full(size, draw)  # noqa: E731
+    monkeypatch.setattr(torch, 'rand', constant)
+    monkeypatch.setattr(torch, 'randn', constant)
+    sigma, _ = loss_fn.noise_level(3, torch.device('cpu'), None)
+    monkeypatch.undo()
+    return sigma.flatten()
+
+def test_vp_sigma_inside_the_interval():
+    """sigma_VP(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) at t = 0.5 and 0.1 (t = 1 alone cannot tell t^2 from t^3)."""
+    loss_fn = VPLoss()
+    for t in (0.5, 0.1):
+        expected = (torch.tensor(0.5 * 19.9 * t * t + 0.1 * t, dtype=torch.float64).exp() - 1).sqrt()
+        torch.testing.assert_close(loss_fn.sigma(torch.tensor(t, dtype=torch.float64)), expected, rtol=1e-12, atol=0)
+
+@pytest.mark.parametrize('draw, t', [(0.0, 1.0), (1.0, 1e-5), (0.5, 0.5 + 0.5e-5)])
+def test_vp_noise_level_maps_uniform_draws_onto_epsilon_to_one(monkeypatch, draw, t):
+    """t = 1 + u (epsilon_t - 1): u = 0 gives t = 1, u = 1 gives t = epsilon_t."""
+    loss_fn = VPLoss()
+    torch.testing.assert_close(_noise_level_at(monkeypatch, loss_fn, draw), loss_fn.sigma(torch.full([3], t)))
+
+@pytest.mark.parametrize('draw, sigma', [(0.0, 0.02), (1.0, 100.0), (0.5, (0.02 * 100) ** 0.5)])
+def test_ve_noise_level_is_log_uniform_between_its_bounds(monkeypatch, draw, sigma):
+    torch.testing.assert_close(_noise_level_at(monkeypatch, VELoss(), draw), torch.full([3], sigma))
+
+@pytest.mark.parametrize('draw', [0.0, 1.0, -2.0])
+def test_edm_noise_level_is_exp_of_p_mean_plus_p_std_times_the_draw(monkeypatch, draw):
+    expected = torch.full([3], -1.2 + 1.2 * draw, dtype=torch.float64).exp().float()
+    torch.testing.assert_close(_noise_level_at(monkeypatch, EDMLoss(), draw), expected)
+
+def test_noise_has_the_images_dtype():
+    """Float64 images get float64 noise: a float32 draw would round the noise before it is added."""
+    net = PlainNet()
+    PatchEDMLoss()(lambda x, sigma, x_pos=None, **kwargs: net(x, sigma), torch.zeros(2, 1, 4, 4, dtype=torch.float64), 4,
+                   generator=torch.Generator().manual_seed(0))
+    x = net.calls[0]['x']  # the images are zeros, so the network's input is the noise itself
+    assert x.dtype == torch.float64 and not torch.equal(x, x.float().double())  # float64 draws, not float32 ones
