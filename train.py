@@ -21,6 +21,7 @@ from training.dataset import DatasetError, ImageFolderDataset
 from training.latents import SD_SCALE, SD_VAE, LatentError, vae_config, vae_shape
 from training.networks import check_patch_size
 from training.patch import PatchSchedule
+from training.phema import sigma_rel_to_gamma
 from training.presets import apply_defaults, training_preset
 from training.snapshot import SnapshotError, load_state, newest_state
 from training.training_loop import LOSS_NORMS, split_batch, state_loss_norm, training_loop
@@ -32,6 +33,20 @@ def parse_int_list(value: Optional[str]) -> Optional[list]:
     if not re.fullmatch(r'\d+(,\d+)*', str(value)):
         raise click.BadParameter(f'"{value}" is not a comma-separated list of integers', param_hint='--cres')
     return [int(v) for v in str(value).split(',')]
+
+
+def parse_sigma_rels(value: Optional[str]) -> Optional[List[float]]:
+    """'0.05,0.10' -> [0.05, 0.1] for --phema, each a valid post-hoc EMA sigma_rel; None stays None."""
+    if value is None or isinstance(value, list):
+        return value
+    try:
+        sigma_rels = [float(v) for v in str(value).split(',')]
+        for sigma_rel in sigma_rels:
+            sigma_rel_to_gamma(sigma_rel)
+    except ValueError as err:
+        raise click.BadParameter(str(err) if 'sigma_rel' in str(err) else f'"{value}" is not a comma-separated list of numbers',
+                                 param_hint='--phema')
+    return sigma_rels
 
 
 def resolve_options(ctx: click.Context, opts: Dict[str, Any]) -> dnnlib.EasyDict:
@@ -109,6 +124,8 @@ def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, worl
              compile_kwargs=dnnlib.EasyDict(dynamic=False) if opts.compile else None, channels_last=opts.channels_last,
              cudnn_benchmark=opts.bench, tf32=opts.tf32, kimg_per_tick=opts.tick, snapshot_ticks=opts.snap,
              state_dump_ticks=opts.dump, seed=opts.seed, transfer=opts.transfer, loss_norm=opts.loss_norm)
+    c.phema_sigma_rels = parse_sigma_rels(opts.phema)
+    c.phema_snapshot_ticks = opts.phema_snap if opts.phema_snap is not None else opts.snap
     c.preview = dnnlib.EasyDict(num_images=64, num_steps=opts.preview_steps) if opts.preview else None
 
     patch = f'patch{opts.real_p:g}{"prog" if opts.progressive else ""}' if opts.patch == 'on' else 'full'
@@ -226,6 +243,8 @@ def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]
 @click.option('--tick', help='How often to print progress', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
 @click.option('--snap', help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--dump', help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500, show_default=True)
+@click.option('--phema', help='Post-hoc EMA: keep power-function EMA profiles of these sigma_rels (reconstruct_ema.py)  [default: off]', metavar='LIST')
+@click.option('--phema-snap', help='How often to save post-hoc EMA snapshots  [default: --snap]', metavar='TICKS', type=click.IntRange(min=1))
 @click.option('--preview', help='Save a PNG grid of EMA samples at every snapshot', type=bool, default=False, show_default=True)
 @click.option('--preview-steps', help='Sampler steps for the preview grid', metavar='INT', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=int)

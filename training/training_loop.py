@@ -5,7 +5,7 @@ import json
 import os
 import random
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import psutil
@@ -19,6 +19,7 @@ from training.networks import check_patch_size
 from training.images import save_image_grid, to_float
 from training.latents import SD_SCALE, LatentCodec, sample_latents
 from training.patch import PatchSchedule, coordinate_grid
+from training.phema import PowerEMA, phema_snapshot_name, save_phema_snapshot
 from training.sampler import generate_images
 
 
@@ -256,6 +257,8 @@ def training_loop(
     tf32: bool = False,
     device: torch.device = torch.device('cpu'),
     preview: Optional[dict] = None,           # sampler options for a PNG grid at every snapshot; None for none
+    phema_sigma_rels: Optional[Sequence[float]] = None,  # post-hoc EMA profiles to keep (training/phema.py); None for none
+    phema_snapshot_ticks: Optional[int] = None,          # ticks between phema snapshots; None: as snapshot_ticks
     training_options: Optional[dict] = None,  # stored in snapshots for reference
 ) -> None:
     """Train a (patch) diffusion model until `total_kimg` or a stop signal; writes snapshots and state to run_dir."""
@@ -303,6 +306,9 @@ def training_loop(
     optimizer = dnnlib.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     scaler = grad_scaler(precision, device, loss_scaling)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
+    phema = PowerEMA(net, phema_sigma_rels) if phema_sigma_rels else None
+    if phema_snapshot_ticks is None:
+        phema_snapshot_ticks = snapshot_ticks
     if rank == 0 and state is None:
         misc.print_module_summary(net, _summary_inputs(net, batch_gpu, resolution, device))
 
@@ -320,6 +326,16 @@ def training_loop(
         distributed.print0(f'Resuming from "{resume_state}"...')
         net.load_state_dict(state['net'])
         ema.load_state_dict(state['ema'])
+        if phema is not None:
+            if not state.get('phema'):  # profiles started now would not be power functions of the whole run
+                raise snapshot.SnapshotError(f'--phema: {resume_state} was trained without --phema; post-hoc EMA needs '
+                                             'profiles from the start (resume without --phema, or start a new run)')
+            try:
+                phema.load_state_dict(state['phema'])
+            except ValueError as err:
+                raise snapshot.SnapshotError(f'--phema: {resume_state}: {err}; resume with the same --phema') from None
+        elif state.get('phema'):
+            distributed.print0(f'Note: {resume_state} has post-hoc EMA profiles; without --phema they are dropped.')
         optimizer.load_state_dict(state['optimizer'])
         if scaler is not None and state.get('scaler'):
             scaler.load_state_dict(state['scaler'])
@@ -343,6 +359,8 @@ def training_loop(
         if world_size > 1 else net
     if state is None:
         misc.copy_params_and_buffers(net, ema, require_all=True)  # DDP gave every rank rank 0's weights; so must the EMA
+        if phema is not None:
+            phema.reset(net)
 
     # Training.
     total_nimg = int(total_kimg * 1000)
@@ -368,6 +386,8 @@ def training_loop(
 
             step_nimg = batch_size * multiplier
             update_ema(ema, net, ema_beta(cur_nimg, step_nimg, ema_halflife_kimg, ema_rampup_ratio))
+            if phema is not None:
+                phema.update(net, cur_nimg, step_nimg)  # t counts images, as cur_nimg does
             cur_nimg += step_nimg
             training_stats.report('Patch/size', float(size))
 
@@ -408,6 +428,11 @@ def training_loop(
                         grid = generate_images(ema, seeds=range(preview['num_images']), device=device,
                                                num_steps=preview['num_steps'], decoder=codec.decode if codec else None)
                         save_image_grid(grid, os.path.join(run_dir, f'preview-{stem}.png'))
+            if phema is not None and phema_snapshot_ticks is not None and (done or stop or cur_tick % phema_snapshot_ticks == 0):
+                for profile in phema.profiles:
+                    misc.check_ddp_consistency(profile)
+                if rank == 0:
+                    save_phema_snapshot(os.path.join(run_dir, phema_snapshot_name(cur_nimg)), phema, cur_nimg)
             if state_dump_ticks is not None and (done or stop or cur_tick % state_dump_ticks == 0):
                 rng = _gather_objects(_rng_state(device))
                 if rank == 0:
@@ -415,7 +440,8 @@ def training_loop(
                         net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                         scaler=scaler.state_dict() if scaler is not None else None,
                         cur_nimg=cur_nimg, cur_tick=cur_tick + 1, consumed=consumed, rng=rng, seed=seed, loss_norm=loss_norm,
-                        schedule=schedule.state_dict() if schedule else None))
+                        schedule=schedule.state_dict() if schedule else None,
+                        **(dict(phema=phema.state_dict()) if phema is not None else {})))
             distributed.update_progress(cur_nimg // 1000, total_kimg)
             if done or stop:
                 break
