@@ -10,7 +10,8 @@ import sys
 import click
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ['dataset_tool', 'train', 'generate', 'fid', 'bench.train_throughput', 'bench.sample_speed', 'bench.latent_step']
+SCRIPTS = ['dataset_tool', 'train', 'generate', 'fid', 'reconstruct_ema', 'bench.train_throughput', 'bench.vs_official',
+           'bench.sample_speed', 'bench.latent_step']
 
 
 def command_help(name: str, command: click.Command, prefix: str = '') -> list:
