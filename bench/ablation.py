@@ -17,9 +17,17 @@ and, on the demo set, the coherence of the same samples; per seed: the differenc
 into --outdir, two plots and one sample grid per arm into --figures, and a Markdown report whose text after
 END_MARKER is kept when it is written again.
 
+Post-hoc EMA (`--phema=0.05,0.10`): every run trains with train.py --phema, and scoring also reconstructs each length
+of `--ema-lengths` at the run's last phema snapshot (training.phema.reconstruct) into its last network snapshot's
+network and scores its held-out loss on the same images; per run the best length is the one of lowest held-out
+loss, per arm the one of lowest mean over seeds (a tie goes to the smaller sigma_rel). With FID on, the samples of
+each run's best length get FID and KID too. The report gains a "Post-hoc EMA" section and a plot against sigma_rel.
+
 Run from the repository root:  python bench/ablation.py --data=datasets/shapes-32x32.zip --budget=200 --jobs=2
+  with post-hoc EMA:           python bench/ablation.py --data=datasets/shapes-32x32.zip --budget=200 --jobs=2 --phema=0.05,0.10
 """
 
+import copy
 import dataclasses
 import json
 import os
@@ -41,11 +49,13 @@ sys.path.insert(0, ROOT)
 
 import fid  # noqa: E402
 from bench.common import environment, line_plot, write_json  # noqa: E402
+from reconstruct_ema import parse_float_list  # noqa: E402
 from training import demo_shapes  # noqa: E402
 from training.dataset import DatasetError, ImageFolderDataset  # noqa: E402
 from training.detector import OFFLINE_NAME, DetectorError, load_detector  # noqa: E402
 from training.evaluate import HELDOUT_SIGMAS, heldout_loss  # noqa: E402
 from training.images import save_image_grid, to_float  # noqa: E402
+from training.phema import RESIDUAL_WARNING, find_phema_snapshots, reconstruct, sigma_rel_to_gamma  # noqa: E402
 from training.sampler import generate_images  # noqa: E402
 from training.snapshot import atomic_write, load_network  # noqa: E402
 
@@ -70,6 +80,7 @@ MARKER = 'ablation-finished.json'  # written into a run directory when its train
 SCORES = 'ablation-scores.json'    # a run's scores and what they were computed with
 LOG = 'train.log'
 END_MARKER = '<!-- end of generated part -->'
+DEFAULT_EMA_LENGTHS = '0.02,0.04,0.06,0.08,0.10,0.15,0.20'  # sigma_rels reconstructed with --phema (EDM2 finds 0.05..0.2)
 GRID_IMAGES = 64
 GRID_MIN_WIDTH = 128  # pixels per sample in the grids, enlarged by nearest neighbour
 POLL_S = 0.2
@@ -88,7 +99,7 @@ class Run:
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """How every run trains: data, preset, extra train.py flags, snapshot interval, budget and threads."""
+    """How every run trains: data, preset, extra train.py flags, snapshot interval, budget, threads and phema profiles."""
     data: str
     preset: str
     tick: float
@@ -96,6 +107,7 @@ class Setup:
     budget: float
     threads: int
     progressive_kimg: Optional[float]
+    phema: Tuple[float, ...] = ()  # train.py --phema sigma_rels; () trains without post-hoc EMA profiles
 
     def command(self, run: Run) -> List[str]:
         """train.py's command line for a run."""
@@ -105,11 +117,17 @@ class Setup:
         duration = self.progressive_kimg / 1000 if progressive else 1000
         return [sys.executable, os.path.join(ROOT, 'train.py'), f'--preset={self.preset}', f'--data={self.data}',
                 f'--outdir={run.dir}', '--nosubdir', f'--seed={run.seed}', f'--duration={duration:g}', f'--tick={self.tick}',
-                '--snap=1', '--dump=100000', '--preview=False', *ARMS[run.arm].flags, *self.extra]
+                '--snap=1', '--dump=100000', '--preview=False', *ARMS[run.arm].flags, *self.extra,
+                *([f'--phema={join_lengths(self.phema)}'] if self.phema else [])]
 
     def marker(self, run: Run) -> Dict:
         """What a run's MARKER records and must match to be reused: train.py's arguments, budget and threads."""
         return dict(command=self.command(run)[2:], budget=self.budget, threads=self.threads)
+
+
+def join_lengths(sigma_rels: Sequence[float]) -> str:
+    """[0.05, 0.1] -> '0.05,0.1'."""
+    return ','.join(f'{s:g}' for s in sigma_rels)
 
 
 # --- training -----------------------------------------------------------------------------------------------
@@ -242,10 +260,54 @@ class Inception(NamedTuple):
     ref_stats: Dict[str, np.ndarray]
 
 
+def best_length(lengths: Sequence[Dict]) -> Dict:
+    """The entry of lowest held-out loss among a run's reconstructed lengths; a tie goes to the smaller sigma_rel."""
+    return min(lengths, key=lambda entry: (entry['heldout_loss'], entry['sigma_rel']))
+
+
+def score_phema(run: Run, net: torch.nn.Module, heldout: torch.Tensor, ema_lengths: Sequence[float], samples: int,
+                steps: int, inception: Optional[Inception]) -> Dict:
+    """Held-out loss of every EMA length reconstructed at a run's last phema snapshot, in (a copy of) the network of its
+    last snapshot; FID and KID of the best length's samples when asked."""
+    paths = find_phema_snapshots(run.dir)
+    if not paths:
+        raise click.ClickException(f'{run} {run.dir} holds no phema-snapshot-*.pt; it was trained without --phema')
+    try:
+        targets = reconstruct(paths, ema_lengths)
+    except ValueError as err:
+        raise click.ClickException(f'{run} {err}') from None
+    net, lengths = copy.deepcopy(net), []
+    for target in targets:
+        load_weights(net, target['weights'], run)
+        lengths.append(dict(sigma_rel=target['sigma_rel'], gamma=target['gamma'], residual=target['residual'],
+                            heldout_loss=heldout_loss(net, heldout)['mean']))
+    best = best_length(lengths)
+    result = dict(kimg=targets[0]['nimg'] / 1000, snapshots=targets[0]['used'], lengths=lengths,
+                  best_sigma_rel=best['sigma_rel'], best_heldout_loss=best['heldout_loss'])
+    poor = [entry for entry in lengths if entry['residual'] > RESIDUAL_WARNING]
+    if poor:
+        names = ', '.join(f'{entry["sigma_rel"]:g}' for entry in poor)
+        print(f'Warning: {run} sigma_rel {names}: relative residual up to {max(e["residual"] for e in poor):.2e} > '
+              f'{RESIDUAL_WARNING:g}; the stored profiles do not represent {"it" if len(poor) == 1 else "them"} well', flush=True)
+    if inception:
+        load_weights(net, targets[lengths.index(best)]['weights'], run)
+        scores = fid.fid_kid(sample(net, samples, steps), inception.ref_stats, inception.detector, torch.device('cpu'))
+        result.update(best_fid=scores['fid'], best_kid=scores['kid'])
+    return result
+
+
+def load_weights(net: torch.nn.Module, weights: Dict[str, torch.Tensor], run: Run) -> None:
+    """Put reconstructed weights into a network; a click error when they do not fit it."""
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as err:
+        raise click.ClickException(f'{run} the phema snapshots do not fit the network snapshot ({str(err).splitlines()[0]})') from None
+
+
 def score_run(run: Run, heldout: torch.Tensor, samples: int, steps: int, coherence: bool, inception: Optional[Inception],
-              grid: Optional[str], points: int, key: Dict) -> Dict:
+              grid: Optional[str], points: int, key: Dict, ema_lengths: Optional[Sequence[float]] = None) -> Dict:
     """Held-out loss of (at most `points`) snapshots of a run; coherence, FID and KID of the last one's samples and their
-    grid when asked.
+    grid when asked; with `ema_lengths`, the post-hoc EMA lengths' held-out loss (score_phema).
 
     The result is kept in the run's SCORES file under `key` (what the scores depend on), so scoring the same run the
     same way again, for example in a second process scoring other arms, costs nothing.
@@ -269,9 +331,13 @@ def score_run(run: Run, heldout: torch.Tensor, samples: int, steps: int, coheren
             result.update(fid.fid_kid(images, inception.ref_stats, inception.detector, torch.device('cpu')))
         if grid:
             save_image_grid(images[:GRID_IMAGES], grid, min_tile=GRID_MIN_WIDTH)
+    if ema_lengths:
+        result['phema'] = score_phema(run, net, heldout, ema_lengths, samples, steps, inception)
     print(f'{run} scored {len(curve)} snapshots: {result["kimg"]:.2f} kimg, final held-out loss {result["heldout_loss"]:.4f}'
           + (f', coherence {result["coherence"]:.3f}' if coherence else '')
-          + (f', FID {result["fid"]:.2f}, KID {result["kid"]:.4f}' if inception else ''), flush=True)
+          + (f', FID {result["fid"]:.2f}, KID {result["kid"]:.4f}' if inception else '')
+          + (f'; post-hoc EMA best sigma_rel {result["phema"]["best_sigma_rel"]:g}: held-out loss '
+             f'{result["phema"]["best_heldout_loss"]:.4f}' if ema_lengths else ''), flush=True)
     atomic_write(os.path.join(run.dir, SCORES), lambda f: f.write(json.dumps(dict(key=key, result=result)).encode('utf-8')))
     return result
 
@@ -312,9 +378,37 @@ def summarise(arm: str, runs: List[Dict], common_kimg: float, grid: str) -> Dict
     """An arm's runs with their loss at `common_kimg`, the mean and std of METRICS over seeds, and the bands."""
     for result in runs:
         result['heldout_loss_at_kimg'] = interpolate(curve_of(result, 'kimg'), common_kimg)
-    return dict(label=ARMS[arm].label, flags=ARMS[arm].flags, runs=runs, grid=grid,
-                summary={key: mean_std([result[key] for result in runs]) for key in METRICS if key in runs[0]},
-                bands={x_key: band([curve_of(result, x_key) for result in runs]) for x_key in ('seconds', 'kimg')})
+    summary = dict(label=ARMS[arm].label, flags=ARMS[arm].flags, runs=runs, grid=grid,
+                   summary={key: mean_std([result[key] for result in runs]) for key in METRICS if key in runs[0]},
+                   bands={x_key: band([curve_of(result, x_key) for result in runs]) for x_key in ('seconds', 'kimg')})
+    return dict(summary, phema=phema_summary(runs)) if 'phema' in runs[0] else summary
+
+
+def phema_summary(runs: List[Dict]) -> Dict:
+    """An arm's post-hoc EMA over seeds: per length the held-out loss (mean, std, min, max) and worst residual, the
+    length of lowest mean (a tie goes to the smaller sigma_rel), each seed's best length, and the classic EMA's loss."""
+    lengths = []
+    for i, entry in enumerate(runs[0]['phema']['lengths']):
+        losses = [result['phema']['lengths'][i]['heldout_loss'] for result in runs]
+        lengths.append(dict(sigma_rel=entry['sigma_rel'], **mean_std(losses), min=min(losses), max=max(losses),
+                            worst_residual=max(result['phema']['lengths'][i]['residual'] for result in runs)))
+    best = min(lengths, key=lambda entry: (entry['mean'], entry['sigma_rel']))
+    summary = dict(lengths=lengths, best_sigma_rel=best['sigma_rel'], best_heldout_loss=dict(mean=best['mean'], std=best['std']),
+                   classic_heldout_loss=mean_std([result['heldout_loss'] for result in runs]),
+                   per_seed_best=[result['phema']['best_sigma_rel'] for result in runs],
+                   worst_residual=max(entry['worst_residual'] for entry in lengths))
+    if 'best_kid' in runs[0]['phema']:
+        summary.update(classic_kid=mean_std([result['kid'] for result in runs]),
+                       per_seed_best_kid=mean_std([result['phema']['best_kid'] for result in runs]),
+                       kid_agrees=sum(kid_agrees(result) for result in runs))
+    return summary
+
+
+def kid_agrees(result: Dict) -> bool:
+    """Whether KID ranks a run's best post-hoc EMA length and its classic EMA as the held-out loss does (ties equal)."""
+    sign = lambda d: (d > 0) - (d < 0)  # noqa: E731
+    phema = result['phema']
+    return sign(phema['best_kid'] - result['kid']) == sign(phema['best_heldout_loss'] - result['heldout_loss'])
 
 
 def paired(arms: Dict[str, Dict]) -> List[Dict]:
@@ -329,11 +423,11 @@ def paired(arms: Dict[str, Dict]) -> List[Dict]:
 
 
 def score_study(runs: List[Run], heldout: torch.Tensor, samples: int, steps: int, coherence: bool, inception: Optional[Inception],
-                figures: str, points: int, key: Dict) -> Tuple[Dict[str, Dict], float]:
+                figures: str, points: int, key: Dict, ema_lengths: Optional[Sequence[float]] = None) -> Tuple[Dict[str, Dict], float]:
     """Every run scored, summarised per arm, and the common kimg of the equal-kimg comparison."""
     grids = {arm: os.path.join(figures, f'grid-{arm}.png') for arm in dict.fromkeys(run.arm for run in runs)}
     scored = {run: score_run(run, heldout, samples, steps, coherence, inception, grids[run.arm] if run.seed == 0 else None,
-                             points, key) for run in runs}
+                             points, key, ema_lengths) for run in runs}
     common_kimg = min(result['kimg'] for result in scored.values())
     arms = {arm: [scored[run] for run in sorted(runs, key=lambda r: r.seed) if run.arm == arm] for arm in grids}
     return {arm: summarise(arm, results, common_kimg, grids[arm]) for arm, results in arms.items()}, common_kimg
@@ -347,6 +441,14 @@ def plot(arms: Dict[str, Dict], x_key: str, xlabel: str, path: str, seeds: int) 
     line_plot({label: [(x, mean) for x, mean, _, _ in rows] for label, rows in bands.items()}, path, xlabel,
               f'held-out loss (line: mean of {seeds} seeds; band: min..max)',
               bands={label: [(x, low, high) for x, _, low, high in rows] for label, rows in bands.items()})
+
+
+def plot_phema(arms: Dict[str, Dict], path: str, seeds: int) -> None:
+    """Held-out loss of the reconstructed EMA lengths against sigma_rel: the mean over seeds per arm, shaded min..max."""
+    lengths = {arm['label']: arm['phema']['lengths'] for arm in arms.values()}
+    line_plot({label: [(e['sigma_rel'], e['mean']) for e in rows] for label, rows in lengths.items()}, path,
+              'sigma_rel (post-hoc EMA length)', f'held-out loss (line: mean of {seeds} seeds; band: min..max)',
+              bands={label: [(e['sigma_rel'], e['min'], e['max']) for e in rows] for label, rows in lengths.items()})
 
 
 def kept_text(path: str) -> str:
@@ -416,12 +518,39 @@ def paired_text(study: Dict) -> List[str]:
     return lines + ['']
 
 
+def phema_text(study: Dict, rel) -> List[str]:
+    """The post-hoc EMA section, when the runs trained with --phema: the best length per arm and the plot."""
+    if not study.get('phema'):
+        return []
+    kid = study['detector'] is not None
+    lines = ['## Post-hoc EMA', '', f'Every run trained with `--phema={join_lengths(study["phema"])}`. The EMA lengths '
+             f'sigma_rel {", ".join(f"{s:g}" for s in study["ema_lengths"])} are reconstructed at each run\'s last phema '
+             'snapshot from the power-function EMA profiles it stored (`training.phema.reconstruct`), put into its last '
+             'snapshot\'s network and scored on the same held-out images and sigmas as the classic EMA (`--ema`). Residual = '
+             'relative L2 error of the reconstructed averaging profile, ||p_r - sum x_i p_i||² / ||p_r||² (0: exact; above '
+             f'{RESIDUAL_WARNING:g} the stored profiles do not represent that length well). Best sigma_rel = the length of '
+             'lowest mean held-out loss over seeds (a tie goes to the smaller one); per seed = each run\'s own best.'
+             + (' KID of each run\'s best length uses the same sample count and steps as the classic EMA\'s; "KID agrees" '
+                'counts the runs where KID ranks that length and the classic EMA as the held-out loss does.' if kid else ''),
+             '', '| arm | classic EMA held-out loss | best sigma_rel (by mean held-out) | its held-out loss | per-seed best | '
+             'worst residual among the lengths |' + (' classic EMA KID | per-seed best\'s KID | KID agrees |' if kid else ''),
+             '| --- | --- | --- | --- | --- | --- |' + (' --- | --- | --- |' if kid else '')]
+    for arm in study['arms'].values():
+        s = arm['phema']
+        row = (f'| {arm["label"]} | {pm(s["classic_heldout_loss"], 4)} | {s["best_sigma_rel"]:g} | {pm(s["best_heldout_loss"], 4)} | '
+               f'{", ".join(f"{b:g}" for b in s["per_seed_best"])} | {s["worst_residual"]:.1e} |')
+        if kid:
+            row += f' {pm(s["classic_kid"], 4)} | {pm(s["per_seed_best_kid"], 4)} | {s["kid_agrees"]} of {len(s["per_seed_best"])} |'
+        lines.append(row)
+    return lines + ['', f'![held-out loss against post-hoc EMA length]({rel(study["plots"]["sigma_rel"])})', '']
+
+
 def write_report(path: str, study: Dict) -> None:
     """The Markdown report: setup, table, paired comparison, plots and grids, then the kept text."""
     tail = kept_text(path)
     rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(path)))  # noqa: E731
     arms = study['arms'].values()
-    lines = setup_text(study) + arm_table(study) + paired_text(study) + [
+    lines = setup_text(study) + arm_table(study) + paired_text(study) + phema_text(study, rel) + [
         '## Held-out loss', '', 'Lines: mean over seeds, where every seed has a snapshot (interpolated linearly); '
         'shaded: min..max over seeds.', '', f'![held-out loss against wall-clock time]({rel(study["plots"]["seconds"])})', '',
         f'![held-out loss against kimg]({rel(study["plots"]["kimg"])})', '', '## Samples (seed 0, last snapshot)', '',
@@ -440,6 +569,17 @@ def parse_arms(value: str) -> List[str]:
     if unknown:
         raise click.BadParameter(f'unknown arm(s) {", ".join(unknown)}; choose from {", ".join(ARMS)}', param_hint='--arms')
     return names
+
+
+def parse_lengths(value: Optional[str], flag: str) -> List[float]:
+    """Distinct valid post-hoc EMA sigma_rels, sorted, from a comma-separated list; a click error names a bad one."""
+    lengths = parse_float_list(value, flag)
+    for sigma_rel in lengths:
+        try:
+            sigma_rel_to_gamma(sigma_rel)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint=flag) from None
+    return sorted(set(lengths))
 
 
 def open_dataset(path: str, flag: str) -> ImageFolderDataset:
@@ -495,12 +635,19 @@ def inception_reference(data: str, samples: int, detector: str) -> Tuple[Incepti
 @click.option('--figures', help='Folder for the plots and grids  [default: ablation/ next to --report]', metavar='DIR')
 @click.option('--points', help='Snapshots scored per run at most (every k-th, back from the last)', metavar='INT', type=click.IntRange(min=2), default=8, show_default=True)
 @click.option('--score-only', help='Score the finished runs in --outdir again, training nothing', is_flag=True)
+@click.option('--phema', help='Post-hoc EMA: train every run with train.py --phema=LIST and score --ema-lengths  [default: off]', metavar='LIST')
+@click.option('--ema-lengths', help=f'sigma_rels reconstructed and scored with --phema  [default: {DEFAULT_EMA_LENGTHS}]', metavar='LIST')
 @click.pass_context
 def main(ctx: click.Context, data: str, heldout: Optional[str], heldout_num: int, arm_list: str, seeds: int, jobs: int,
          threads: Optional[int], budget: float, tick_kimg: float, progressive_kimg: Optional[float], preset: str, extra: str,
-         coherence: Optional[bool], with_fid: bool, detector: str, samples: int, steps: int, points: int, outdir: str, report: str, figures: Optional[str], score_only: bool) -> None:
+         coherence: Optional[bool], with_fid: bool, detector: str, samples: int, steps: int, points: int, outdir: str, report: str, figures: Optional[str], score_only: bool,
+         phema: Optional[str], ema_lengths: Optional[str]) -> None:
     """Train every arm with every seed for the same wall-clock time, then score, plot and report them."""
     arms = parse_arms(arm_list)
+    if ema_lengths is not None and phema is None:
+        raise click.BadParameter('post-hoc EMA lengths are reconstructed from the profiles of --phema; give it too', param_hint='--ema-lengths')
+    phema_lengths = parse_lengths(phema, '--phema')
+    lengths = parse_lengths(ema_lengths or DEFAULT_EMA_LENGTHS, '--ema-lengths') if phema else None
     if jobs > len(arms):
         raise click.BadParameter(f'{jobs} runs at once need as many arms, and {len(arms)} are selected', param_hint='--jobs')
     if progressive_kimg is None and any('--progressive=True' in ARMS[arm].flags for arm in arms):
@@ -513,20 +660,26 @@ def main(ctx: click.Context, data: str, heldout: Optional[str], heldout_num: int
     figures = figures or os.path.join(os.path.dirname(os.path.abspath(report)), 'ablation')
     kept_text(report)  # a report without END_MARKER fails now, not after the training
     inception, detector_name = inception_reference(data, samples, detector) if with_fid else (None, None)
-    setup = Setup(data, preset, tick_kimg, tuple(shlex.split(extra)), budget, threads, progressive_kimg)
+    setup = Setup(data, preset, tick_kimg, tuple(shlex.split(extra)), budget, threads, progressive_kimg, tuple(phema_lengths))
     runs = study_runs(arms, seeds, outdir)
     train_all(to_train(runs, setup, score_only), setup, jobs)
 
     torch.set_num_threads(jobs * threads)
-    key = dict(heldout=heldout_text, samples=samples, steps=steps, coherence=coherence, points=points, detector=detector_name)
-    arm_results, common_kimg = score_study(runs, heldout_images, samples, steps, coherence, inception, figures, points, key)
+    key = dict(heldout=heldout_text, samples=samples, steps=steps, coherence=coherence, points=points, detector=detector_name,
+               **(dict(ema_lengths=lengths) if lengths else {}))
+    arm_results, common_kimg = score_study(runs, heldout_images, samples, steps, coherence, inception, figures, points, key, lengths)
     plots = {x_key: os.path.join(figures, f'heldout-loss-{x_key}.png') for x_key in ('seconds', 'kimg')}
     for x_key, xlabel in (('seconds', 'wall-clock seconds'), ('kimg', 'kimg')):
         plot(arm_results, x_key, xlabel, plots[x_key], seeds)
-    study = dict(command='python ' + shlex.join(sys.argv), options=ctx.params, environment=environment(torch.device('cpu')),
+    if lengths:
+        plots['sigma_rel'] = os.path.join(figures, 'heldout-loss-sigma-rel.png')
+        plot_phema(arm_results, plots['sigma_rel'], seeds)
+    options = {name: value for name, value in ctx.params.items() if name not in ('phema', 'ema_lengths') or value is not None}
+    study = dict(command='python ' + shlex.join(sys.argv), options=options, environment=environment(torch.device('cpu')),
                  data=data, heldout=heldout_text, preset=preset, extra=extra, seeds=seeds, jobs=jobs, threads=threads,
                  budget=budget, tick=tick_kimg, coherence=coherence, detector=detector_name, samples=samples, steps=steps, points=points, common_kimg=common_kimg,
-                 plots=plots, arms=arm_results, paired=paired(arm_results))
+                 plots=plots, arms=arm_results, paired=paired(arm_results),
+                 **(dict(phema=phema_lengths, ema_lengths=lengths) if lengths else {}))
     write_json(os.path.join(outdir, 'results.json'), study)
     write_report(report, study)
     print(f'Wrote {report}, {figures} and {os.path.join(outdir, "results.json")}', flush=True)

@@ -12,6 +12,10 @@ from click.testing import CliRunner
 
 import dataset_tool
 from bench import ablation
+from training import demo_shapes
+from training.evaluate import heldout_loss
+from training.phema import RESIDUAL_WARNING, find_phema_snapshots, load_phema_snapshot
+from training.snapshot import load_network, newest_file
 
 TINY = '--extra=--cbase=4 --cres=1,1 --attn=4 --batch=32'  # a network that gets through a few kimg in 20 s on one thread
 
@@ -122,3 +126,79 @@ def test_thinning_keeps_the_last_snapshot_and_every_kth_before_it():
     kept = lambda most: [p['kimg'] for p in ablation.thin(points, most)]  # noqa: E731
     assert kept(4) == [0, 3, 6, 9] and kept(5) == [1, 3, 5, 7, 9] and kept(10) == kept(99) == list(range(10))
     assert kept(2) == [4, 9]
+
+
+def phema_run(classic, kid, best_kid, losses, residual=0.0):
+    """A hand-made scored run: classic EMA held-out loss and KID, and held-out loss per reconstructed sigma_rel."""
+    lengths = [dict(sigma_rel=s, heldout_loss=loss, residual=residual) for s, loss in losses.items()]
+    best = ablation.best_length(lengths)
+    return dict(heldout_loss=classic, kid=kid, phema=dict(lengths=lengths, best_sigma_rel=best['sigma_rel'],
+                                                        best_heldout_loss=best['heldout_loss'], best_kid=best_kid))
+
+
+def test_best_post_hoc_ema_length_is_the_lowest_mean_over_seeds():
+    # Seed 0 is best at 0.05, seed 1 at 0.2; the mean (2.5, 1.5, 2.0) is lowest at 0.1, which neither seed picked.
+    runs = [phema_run(2.0, 0.5, 0.25, {0.05: 1.0, 0.1: 1.5, 0.2: 3.0}, residual=0.02),
+            phema_run(0.5, 0.5, 0.25, {0.05: 4.0, 0.1: 1.5, 0.2: 1.0})]
+    summary = ablation.phema_summary(runs)
+    assert summary['best_sigma_rel'] == 0.1 and summary['best_heldout_loss'] == dict(mean=1.5, std=0.0)
+    assert summary['per_seed_best'] == [0.05, 0.2] and summary['worst_residual'] == 0.02
+    assert [(e['sigma_rel'], e['mean'], e['min'], e['max']) for e in summary['lengths']] == [
+        (0.05, 2.5, 1.0, 4.0), (0.1, 1.5, 1.5, 1.5), (0.2, 2.0, 1.0, 3.0)]
+    assert summary['classic_heldout_loss'] == dict(mean=1.25, std=pytest.approx(1.5 / math.sqrt(2)))
+    # Seed 0: the best length beats the classic EMA by both measures; seed 1: held-out loss says worse, KID better.
+    assert summary['kid_agrees'] == 1 and summary['per_seed_best_kid'] == dict(mean=0.25, std=0.0)
+    # A tie, per run and in the mean over seeds, goes to the smaller sigma_rel whatever the order of the lengths.
+    tied = [phema_run(1.0, 0.5, 0.5, {0.1: 1.0, 0.05: 2.0}), phema_run(1.0, 0.5, 0.5, {0.1: 2.0, 0.05: 1.0})]
+    assert ablation.phema_summary(tied)['best_sigma_rel'] == 0.05
+    assert ablation.best_length([dict(sigma_rel=0.1, heldout_loss=1.0), dict(sigma_rel=0.05, heldout_loss=1.0)])['sigma_rel'] == 0.05
+
+
+def test_phema_options_go_into_the_train_command_and_are_checked(tmp_path):
+    setup = ablation.Setup('data.zip', 'demo', 4.0, (), 60.0, 1, 30.0)
+    run = ablation.Run('full', 0, str(tmp_path))
+    assert not any(arg.startswith('--phema') for arg in setup.command(run))
+    phema = dataclasses.replace(setup, phema=(0.05, 0.1))
+    assert setup.command(run) + ['--phema=0.05,0.1'] == phema.command(run) and setup.marker(run) != phema.marker(run)
+    result = CliRunner().invoke(ablation.main, [f'--data={tmp_path}', '--ema-lengths=0.05'])
+    assert result.exit_code == 2 and 'give it too' in result.output
+    result = CliRunner().invoke(ablation.main, [f'--data={tmp_path}', '--phema=0.05,0.5'])
+    assert result.exit_code == 2 and 'sigma_rel=0.5 is out of range' in result.output
+    assert ablation.parse_lengths('0.1,0.05,0.1', '--phema') == [0.05, 0.1]
+
+
+@pytest.mark.slow
+def test_ablation_with_post_hoc_ema(tmp_path):
+    data = tmp_path / 'shapes.zip'
+    dataset_tool.convert('demo:shapes', str(data), (32, 32), None, 64, 0)
+    report = tmp_path / 'docs' / 'results.md'
+    args = [f'--data={data}', f'--outdir={tmp_path / "runs"}', f'--report={report}', '--budget=10', '--tick=1',
+            '--arms=full,p0.5-pixel', '--seeds=1', '--jobs=2', '--threads=1', '--samples=4', '--steps=2', '--heldout-num=64', TINY,
+            '--phema=0.05,0.10', '--ema-lengths=0.02,0.05,0.08,0.2']
+    result = CliRunner().invoke(ablation.main, args)
+    assert result.exit_code == 0, result.output
+    study = json.loads((tmp_path / 'runs' / 'results.json').read_text())
+    assert study['phema'] == [0.05, 0.1] and study['ema_lengths'] == [0.02, 0.05, 0.08, 0.2]
+    heldout = demo_shapes.heldout_images(64, 32)
+    for arm in study['arms'].values():
+        [run] = arm['runs']
+        with open(os.path.join(run['dir'], ablation.MARKER)) as f:
+            assert '--phema=0.05,0.1' in json.load(f)['command']
+        lengths = run['phema']['lengths']
+        assert [entry['sigma_rel'] for entry in lengths] == study['ema_lengths']
+        assert all(entry['heldout_loss'] > 0 and entry['residual'] >= 0 for entry in lengths)
+        best = min(lengths, key=lambda entry: entry['heldout_loss'])
+        assert run['phema']['best_sigma_rel'] == best['sigma_rel'] == arm['phema']['best_sigma_rel']
+        assert run['phema']['best_heldout_loss'] == best['heldout_loss'] and run['phema']['best_kid'] is not None
+        assert arm['phema']['classic_heldout_loss']['mean'] == run['heldout_loss']
+        # A stored profile's own sigma_rel is reconstructed exactly: it scores as that profile loaded directly.
+        [stored] = [entry for entry in lengths if entry['sigma_rel'] == 0.05]
+        assert stored['residual'] < 1e-9
+        net = load_network(newest_file(run['dir'], 'network-snapshot', '.pkl'))
+        net.load_state_dict(load_phema_snapshot(find_phema_snapshots(run['dir'])[-1])['profiles'][0])
+        assert stored['heldout_loss'] == pytest.approx(heldout_loss(net, heldout)['mean'], rel=1e-5)
+    assert any(entry['residual'] > RESIDUAL_WARNING for arm in study['arms'].values() for entry in arm['runs'][0]['phema']['lengths'])
+    assert 'Warning: [full seed 0] sigma_rel' in result.output
+    assert PIL.Image.open(study['plots']['sigma_rel']).size == (720, 440)
+    text = report.read_text()
+    assert '## Post-hoc EMA' in text and 'ablation/heldout-loss-sigma-rel.png' in text and '| full (EDM) | ' in text
