@@ -99,6 +99,73 @@ def test_kid_is_zero_for_one_distribution_and_positive_for_two():
 
 
 @pytest.mark.parametrize('detector', ['detector.pt', 'detector.pkl'])
+def kid_by_hand(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with the kernel k(a, b) = (a.b / d + 1)^3, written out pair by pair (Binkowski et al. 2018)."""
+    k = lambda a, b: (a @ b / len(a) + 1) ** 3  # noqa: E731
+    m = len(x)
+    within = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    return within - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2
+
+
+def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel():
+    """With subsets as large as the sets the subsets are permutations, and the estimate does not depend on order."""
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=[5, 3]), rng.normal(0.5, 2, size=[5, 3])
+    expected = kid_by_hand(x, y)
+    assert fid.kid_subset_estimates(x, y, num_subsets=3) == pytest.approx([expected] * 3, rel=1e-12)
+    assert fid.calculate_kid(x, y, num_subsets=2, seed=5) == pytest.approx(expected, rel=1e-12)
+    # Sets of different sizes: subsets take the smaller size, m = 4.
+    longer = np.concatenate([x, rng.normal(size=[2, 3])])
+    estimates = fid.kid_subset_estimates(longer, y[:4], num_subsets=20, seed=3)
+    rng_replay = np.random.RandomState(3)
+    first = longer[rng_replay.choice(7, 4, replace=False)], y[:4][rng_replay.choice(4, 4, replace=False)]
+    assert estimates[0] == pytest.approx(kid_by_hand(*first), rel=1e-12)
+
+
+def test_kid_seed_and_defaults_are_edms():
+    """100 subsets of at most 1000 images, as EDM's and StyleGAN's KID; the seed picks the subsets."""
+    import inspect
+    for function in (fid.kid_subset_estimates, fid.calculate_kid):
+        parameters = inspect.signature(function).parameters
+        assert (parameters['num_subsets'].default, parameters['max_subset_size'].default, parameters['seed'].default) == (100, 1000, 0)
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=[30, 4]), rng.normal(size=[30, 4])
+    for seed in (0, 1):
+        assert fid.calculate_kid(x, y, num_subsets=4, max_subset_size=10, seed=seed) == \
+            pytest.approx(fid.kid_subset_estimates(x, y, 4, 10, seed).mean(), rel=1e-12)
+    assert fid.calculate_kid(x, y, 4, 10, seed=1) != fid.calculate_kid(x, y, 4, 10, seed=0)
+
+
+@pytest.mark.parametrize('eigenvalues, valid', [
+    ([1e4, 1.0, -5e-3], True),     # rounding error of 1e-2 relative to the largest eigenvalue is tolerated ...
+    ([1e4, 1.0, -2e-2], False),    # ... twice that is not
+    ([0.5, 0.1, -0.9e-6], True),   # below 1, the tolerance is 1e-6 absolute
+    ([0.5, 0.1, -1.5e-6], False),
+    ([1.0, 0.2, -0.5], False)])
+def test_psd_sqrt_tolerates_only_rounding_sized_negative_eigenvalues(eigenvalues, valid):
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=[3, 3]))
+    sigma = (q * eigenvalues) @ q.T
+    if valid:
+        root = fid.psd_sqrt(sigma)
+        np.testing.assert_allclose(root @ root, (q * np.clip(eigenvalues, 0, None)) @ q.T, atol=1e-9 * max(eigenvalues))
+    else:
+        with pytest.raises(ValueError, match='negative eigenvalue'):
+            fid.psd_sqrt(sigma)
+
+
+def test_feature_stats_are_numpys_mean_and_covariance():
+    class Flatten(torch.nn.Module):
+        def forward(self, x, return_features=False):
+            return x.flatten(1).to(torch.float32)
+    images = torch.randint(0, 256, [10, 3, 2, 2], generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    stats = fid.compute_feature_stats([images[:4], images[4:]], Flatten(), torch.device('cpu'), keep_features=True)
+    features = images.flatten(1).double().numpy()
+    assert stats['num'] == 10
+    np.testing.assert_allclose(stats['mu'], features.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats['sigma'], np.cov(features, rowvar=False), rtol=1e-10, atol=1e-9)
+    np.testing.assert_array_equal(stats['features'], features.astype(np.float32))
+
+
 def test_ref_and_calc_with_a_custom_detector(files, tmp_path, detector):
     result = run('ref', '--data', files / 'a.zip', '--dest', tmp_path / 'sub' / 'ref.npz', '--detector', files / detector, '--batch', 10)
     assert result.exit_code == 0, result.output
