@@ -150,6 +150,14 @@ def format_table(rows: List[Dict[str, Any]], columns: Sequence[Tuple[str, str, s
     return '\n'.join(lines)
 
 
+def print_and_save(result: Dict[str, Any], printer: Callable[[Dict[str, Any]], None], json_path: Optional[str]) -> None:
+    """Print a benchmark's report and, if a path is given, write its JSON there."""
+    printer(result)
+    if json_path:
+        write_json(json_path, result)
+        print(f'Wrote {json_path}')
+
+
 def write_json(path: str, data: Dict[str, Any]) -> None:
     """Write data as indented JSON, creating the parent directory."""
     folder = os.path.dirname(os.path.abspath(path))

@@ -307,10 +307,7 @@ def main(preset: str, device: str, batch_gpu: Optional[int], warmup: int, blocks
     result = dict(benchmark='train_throughput', environment=common.environment(torch_device), preset=preset,
                   resolution=resolution, label_dim=common.label_dim(opts), batch_gpu=batch, warmup=warmup, blocks=blocks,
                   steps_per_block=steps_per_block, seed=seed, cbase=cbase, memory_kind=memory.kind, rows=rows)
-    print_report(result)
-    if json_path:
-        common.write_json(json_path, result)
-        print(f'Wrote {json_path}')
+    common.print_and_save(result, print_report, json_path)
 
 
 if __name__ == '__main__':

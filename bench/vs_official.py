@@ -256,10 +256,7 @@ def main(official_dir: str, preset: str, device: str, batch_gpu: Optional[int], 
                   official_commit=git_commit(official_dir), official_network_kwargs=spec['network_kwargs'],
                   memory_kind='CUDA max_memory_allocated' if torch_device.type == 'cuda' else 'peak RSS of each process',
                   rows=rows)
-    print_report(report)
-    if json_path:
-        common.write_json(json_path, report)
-        print(f'Wrote {json_path}')
+    common.print_and_save(report, print_report, json_path)
 
 
 if __name__ == '__main__':
