@@ -129,10 +129,7 @@ def bad_source(tmp_path, kind):
 
 @pytest.mark.parametrize('kind, message', [
     ('empty', 'contains no images'),
-    ('nonsquare', 'img001.png: image is 16x8; images must be square'),
-    ('mixed', 'img001.png: image is 16x16 but'),
     ('not-pow2', 'resolution 12 is not a power of two'),
-    ('corrupt', 'img001.png: cannot read image'),
     ('json-syntax', 'dataset.json: not valid JSON'),
     ('json-nolabels', 'dataset.json: expected {"labels"'),
     ('json-entry', "dataset.json: malformed entry ['sub/img000.png']"),
@@ -141,6 +138,36 @@ def bad_source(tmp_path, kind):
 def test_bad_data_sets_give_clear_errors(tmp_path, kind, message):
     with pytest.raises(DatasetError) as info:
         ImageFolderDataset(bad_source(tmp_path, kind), use_labels=True)
+    assert message in str(info.value) and '\n' not in str(info.value)
+
+
+@pytest.mark.parametrize('kind, message', [
+    ('nonsquare', 'img001.png: image is 16x8 but sub/img000.png is 8x8'),
+    ('mixed', 'img001.png: image is 16x16 but sub/img000.png is 8x8'),
+    ('corrupt', 'img001.png: cannot decode image'),
+])
+def test_bad_images_after_the_first_are_found_when_decoded(tmp_path, kind, message):
+    # Only the first image is decoded up front (tests/test_dataset_scale.py: mid-run, through the loader).
+    ds = ImageFolderDataset(bad_source(tmp_path, kind))
+    assert ds.resolution == 8
+    with pytest.raises(DatasetError) as info:
+        ds[1]
+    assert message in str(info.value) and '\n' not in str(info.value)
+
+
+@pytest.mark.parametrize('kind, message', [
+    ('nonsquare', 'img000.png: image is 16x8; images must be square'),
+    ('corrupt', 'img000.png: cannot read image'),
+])
+def test_bad_first_image_is_found_up_front(tmp_path, kind, message):
+    folder = tmp_path / kind
+    if kind == 'nonsquare':
+        write_images(folder, [np.zeros((8, 16, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)])
+    else:
+        write_images(folder, [np.zeros((8, 8, 3), np.uint8)] * 2)
+        (folder / 'sub' / 'img000.png').write_bytes(b'\x89PNG garbage')
+    with pytest.raises(DatasetError) as info:
+        ImageFolderDataset(str(folder))
     assert message in str(info.value) and '\n' not in str(info.value)
 
 
@@ -178,15 +205,17 @@ def test_cache_is_shared_by_loader_workers(source, tmp_path):
     src, arrays, _ = source
     run_tool('--source', str(src), '--dest', str(tmp_path / 'd.zip'))
     ds = ImageFolderDataset(str(tmp_path / 'd.zip'), cache=True)
-    if not ds._cache.shared:
+    assert ds.cache is None  # allocated by prepare_cache (make_loader) or the first read, not at construction
+    assert ds.prepare_cache()
+    if ds.cache.kind != 'shm':
         pytest.skip('/dev/shm has too little room for a shared cache on this machine')
-    assert not ds._cache.filled.any()
+    assert not ds.cache.filled.any()
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, multiprocessing_context='spawn')
     loaded = torch.cat([images for images, _labels in loader])
     # The workers decoded every image; their writes are visible here, in the parent, without decoding again.
-    assert ds._cache.filled.all()
+    assert ds.cache.filled.all()
     for i, array in enumerate(arrays):
-        np.testing.assert_array_equal(ds._cache.get(i), array.transpose(2, 0, 1))
+        np.testing.assert_array_equal(ds.cache.get(i), array.transpose(2, 0, 1))
         np.testing.assert_array_equal(loaded[i].numpy(), array.transpose(2, 0, 1))
 
 

@@ -12,11 +12,16 @@ from . import distributed
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """Endless stream of dataset indices for one rank.
+    """Endless stream of dataset indices for one rank, from a fixed shard of the data set.
 
-    Every epoch is a fresh permutation of the whole data set (seeded by `seed` and the epoch number); rank r
-    takes positions r, r + num_replicas, ... of it, so within an epoch no index goes to two ranks. `start`
-    skips that many indices of this rank's stream, which lets a resumed run continue exactly where it stopped.
+    The data set is split once into `num_replicas` shards: rank r owns source images r, r + num_replicas, ... in
+    index order, so that a rank visits, and caches, only its own shard. Items that share a source image (a data set
+    with a `raw_indices` array, such as ImageFolderDataset: an image and its x-flipped copy) go to the same rank;
+    other data sets have one item per source. Every epoch is a fresh permutation of the rank's shard, seeded by
+    `seed`, the epoch number and, with more than one rank, the rank; so within an epoch no index goes to two ranks
+    and the ranks together visit every item once. With one rank the order is a permutation of the whole data set,
+    as before shards existed. `start` skips that many indices of this rank's stream, which lets a resumed run
+    continue exactly where it stopped.
     """
 
     def __init__(self, dataset: Sized, rank: int = 0, num_replicas: int = 1, shuffle: bool = True,
@@ -26,25 +31,30 @@ class InfiniteSampler(torch.utils.data.Sampler):
             raise ValueError('InfiniteSampler needs a non-empty data set')
         if not 0 <= rank < num_replicas:
             raise ValueError(f'rank {rank} is outside [0, {num_replicas})')
-        if dataset_len < num_replicas:
-            raise ValueError(f'data set of {dataset_len} items cannot be shared by {num_replicas} ranks')
+        raw = getattr(dataset, 'raw_indices', None)
+        sources = np.arange(dataset_len) if raw is None else np.asarray(raw)
+        if len(sources) != dataset_len:
+            raise ValueError(f'raw_indices has {len(sources)} entries for {dataset_len} items')
+        unique = np.unique(sources)
+        if len(unique) < num_replicas:
+            raise ValueError(f'data set of {len(unique)} items cannot be shared by {num_replicas} ranks')
         self.dataset_len = dataset_len
         self.rank = rank
         self.num_replicas = num_replicas
         self.shuffle = shuffle
         self.seed = seed
         self.start = start
+        self.items = np.flatnonzero(np.isin(sources, unique[rank::num_replicas]))  # this rank's shard, sorted
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The indices this rank visits in `epoch`, in order."""
-        order = np.arange(self.dataset_len)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.dataset_len)
-        return order[self.rank::self.num_replicas]
+        if not self.shuffle:
+            return self.items.copy()
+        key = [self.seed, epoch] if self.num_replicas == 1 else [self.seed, epoch, self.rank]
+        return self.items[np.random.default_rng(key).permutation(len(self.items))]
 
     def __iter__(self) -> Iterator[int]:
-        per_epoch = len(range(self.rank, self.dataset_len, self.num_replicas))
-        epoch, pos = divmod(self.start, per_epoch)
+        epoch, pos = divmod(self.start, len(self.items))
         while True:
             order = self.epoch_order(epoch)
             for idx in order[pos:]:

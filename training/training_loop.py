@@ -81,6 +81,21 @@ class _Batches:
         return self._to_training(items), labels
 
 
+def make_loader(dataset: torch.utils.data.Dataset, rank: int, world_size: int, seed: int, start: int, batch_gpu: int,
+                data_loader_kwargs: dict) -> Tuple[misc.InfiniteSampler, torch.utils.data.DataLoader]:
+    """One rank's data: an InfiniteSampler over the rank's shard, resuming after `start` items, and its DataLoader.
+
+    A data set with a cache (ImageFolderDataset(cache=True)) gets it allocated here for this rank's shard only, in
+    the rank's main process before the loader forks its workers, so that the workers share it (SharedImageCache).
+    The ranks on this machine (LOCAL_WORLD_SIZE, as torchrun sets it; else all ranks) count against its limit.
+    """
+    sampler = misc.InfiniteSampler(dataset, rank=rank, num_replicas=world_size, seed=seed, start=start)
+    if hasattr(dataset, 'prepare_cache'):
+        dataset.prepare_cache(sampler.items, ranks_on_node=int(os.environ.get('LOCAL_WORLD_SIZE', world_size)))
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, **data_loader_kwargs)
+    return sampler, loader
+
+
 def latent_setup(dataset: torch.utils.data.Dataset, latent_kwargs: Optional[dict], need_decoder: bool,
                  device: torch.device) -> Tuple[Callable, Optional[LatentCodec], Optional[dict], int, int]:
     """(to_training, codec or None, the network's `latent` setting, resolution, channels) for pixels or latents.
@@ -289,8 +304,7 @@ def training_loop(
     schedule = PatchSchedule(resolution, seed=seed, latent=latent is not None, **patch_kwargs) \
         if patch_kwargs is not None else None
     consumed = state['consumed'] if state else 0  # loader items each rank has taken so far
-    sampler = misc.InfiniteSampler(dataset, rank=rank, num_replicas=world_size, seed=seed, start=consumed)
-    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, **data_loader_kwargs)
+    _sampler, loader = make_loader(dataset, rank, world_size, seed, consumed, batch_gpu, data_loader_kwargs)
     batches = _Batches(loader, device, to_training)
 
     # Network, loss, optimizer.
