@@ -74,6 +74,8 @@ def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, worl
     c = dnnlib.EasyDict()
     c.dataset_kwargs = dnnlib.EasyDict(class_name=dataset_class(opts), path=opts.data,
                                        use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
+    if opts.cache_limit is not None:
+        c.dataset_kwargs.cache_limit = int(opts.cache_limit * 2**30)
     c.latent_kwargs = None
     if opts.latents or opts.latents_on_the_fly:
         c.latent_kwargs = dnnlib.EasyDict(on_the_fly=opts.latents_on_the_fly, vae=opts.vae)
@@ -236,6 +238,8 @@ def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]
 @click.option('--attn-impl', help='Self-attention: torch\'s fused SDPA or EDM\'s explicit einsum', type=click.Choice(['sdpa', 'explicit']), default='sdpa', show_default=True)
 @click.option('--bench', help='Enable cuDNN benchmarking', type=bool, default=True, show_default=True)
 @click.option('--cache', help='Cache dataset in CPU memory', type=bool, default=True, show_default=True)
+@click.option('--cache-limit', help='Most memory the caches of the ranks on one machine may take; above it, read uncached  [default: half the available memory]',
+              metavar='GIB', type=click.FloatRange(min=0, min_open=True))
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
 @click.option('--device', help='Where to train', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
 @click.option('--desc', help='String to include in result dir name', metavar='STR')
@@ -309,7 +313,7 @@ def main(ctx: click.Context, **kwargs) -> None:
         logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'))
     try:
         training_loop(run_dir=run_dir, resume_state=resume_state, device=device, **{k: v for k, v in c.items() if k != 'desc'})
-    except (SnapshotError, LatentError) as err:
+    except (SnapshotError, LatentError, DatasetError) as err:
         raise click.ClickException(str(err))
     finally:
         if logger is not None:
