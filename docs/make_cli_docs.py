@@ -11,7 +11,7 @@ import click
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ['dataset_tool', 'train', 'generate', 'fid', 'reconstruct_ema', 'bench.train_throughput', 'bench.vs_official',
-           'bench.sample_speed', 'bench.latent_step']
+           'bench.sample_speed', 'bench.latent_step', 'bench.data_scale']
 
 
 def command_help(name: str, command: click.Command, prefix: str = '') -> list:
