@@ -231,12 +231,18 @@ def fid_kid(images: torch.Tensor, ref_stats: Dict[str, np.ndarray], detector: to
 
 
 def _rank0_first(fn, path_or_url: str, *args):
-    """fn(path_or_url, *args); for a URL, rank 0 goes first so that only it downloads into the cache."""
-    download = dist.is_initialized() and dnnlib.util.is_url(path_or_url)
-    if download and distributed.get_rank() != 0:
-        dist.barrier()
-    result = fn(path_or_url, *args)
-    if download and distributed.get_rank() == 0:
+    """fn(path_or_url, *args); for a URL, rank 0 goes first, then the first process of each other node, then the rest.
+
+    So one process downloads into the cache when the nodes share it, and one per node when each has its own
+    ($DNNLIB_CACHE_DIR on a local disk); the others read the cached file.
+    """
+    if not (dist.is_initialized() and dnnlib.util.is_url(path_or_url)):
+        return fn(path_or_url, *args)
+    turn = 0 if distributed.get_rank() == 0 else 1 if distributed.get_local_rank() == 0 else 2
+    result = None
+    for stage in range(3):
+        if stage == turn:
+            result = fn(path_or_url, *args)
         dist.barrier()
     return result
 

@@ -23,7 +23,7 @@ from training.networks import check_patch_size
 from training.patch import PatchSchedule
 from training.phema import sigma_rel_to_gamma
 from training.presets import apply_defaults, training_preset
-from training.snapshot import SnapshotError, load_state, newest_state
+from training.snapshot import SnapshotError, atomic_write, load_state, newest_state
 from training.training_loop import LOSS_NORMS, split_batch, state_loss_norm, training_loop
 
 def parse_int_list(value: Optional[str]) -> Optional[list]:
@@ -180,8 +180,44 @@ def check_speed_options(opts: dnnlib.EasyDict, device: torch.device) -> None:
                                  param_hint='--compile')
 
 
-def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]) -> tuple:
-    """(run directory, state file to resume from or None) as rank 0 decides them."""
+RUN_ID_FILE = 'torchrun-run-id.txt'  # in a run directory: the torchrun launch that last wrote to it (see launch_run_id)
+
+
+def launch_run_id() -> Optional[str]:
+    """torchrun's run id, which every restart of one launch shares: --rdzv-id, or the uuid of a --standalone launch.
+
+    None outside torchrun and for torchrun's default id "none" (static rendezvous), which names no launch.
+    """
+    run_id = os.environ.get('TORCHELASTIC_RUN_ID')
+    return run_id if run_id and run_id != 'none' else None
+
+
+def read_run_id(run_dir: str) -> Optional[str]:
+    """The run id recorded in `run_dir` by write_run_id(), or None."""
+    try:
+        with open(os.path.join(run_dir, RUN_ID_FILE)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def write_run_id(run_dir: str, run_id: Optional[str]) -> None:
+    """Record the torchrun launch that writes to `run_dir`, so that its restarts with --resume=auto come back to it."""
+    if run_id is not None:
+        atomic_write(os.path.join(run_dir, RUN_ID_FILE), lambda f: f.write(f'{run_id}\n'.encode()))
+
+
+def _desc_but_gpus(desc: str) -> str:
+    return re.sub(r'-gpus\d+-', '-', desc)
+
+
+def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str], run_id: Optional[str] = None) -> tuple:
+    """(run directory, state file to resume from or None) as rank 0 decides them.
+
+    --resume=auto without --nosubdir takes, in this order: the run directory that this torchrun launch (`run_id`,
+    see launch_run_id) wrote to before a restart, with or without a state file, if its description matches up
+    to the process count; else the newest one of the same description that holds a state file; else a new one.
+    """
     if resume is not None and resume != 'auto':
         path = os.path.join(resume, os.path.basename(newest_state(resume) or '')) if os.path.isdir(resume) else resume
         if not os.path.isfile(path):
@@ -191,6 +227,11 @@ def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]
         return outdir, newest_state(outdir) if resume == 'auto' else None
     existing = sorted((int(m.group(1)), name) for name in (os.listdir(outdir) if os.path.isdir(outdir) else [])
                       if (m := re.match(r'(\d+)-', name)) and os.path.isdir(os.path.join(outdir, name)))
+    if resume == 'auto' and run_id is not None:
+        for _, name in reversed(existing):
+            run_dir = os.path.join(outdir, name)
+            if read_run_id(run_dir) == run_id and _desc_but_gpus(name.split('-', 1)[1]) == _desc_but_gpus(desc):
+                return run_dir, newest_state(run_dir)
     if resume == 'auto':
         for _, name in reversed(existing):
             state = newest_state(os.path.join(outdir, name))
@@ -270,6 +311,7 @@ def main(ctx: click.Context, **kwargs) -> None:
         raise click.BadParameter(str(err), param_hint='--data')
     if opts.cond and not dataset.has_labels:
         raise click.BadParameter(f'{opts.data}: --cond=True needs labels in dataset.json', param_hint='--cond')
+    seed_given = opts.seed is not None
     if opts.seed is None:
         seed = torch.randint(1 << 31, size=[], device=distributed.collective_device())
         if dist.is_initialized():
@@ -283,21 +325,30 @@ def main(ctx: click.Context, **kwargs) -> None:
     except ValueError as err:
         raise click.ClickException(f'{opts.data}: {err}' if 'patch size' in str(err) else str(err))
 
-    decision = [choose_run_dir(opts.outdir, c.desc, opts.nosubdir, opts.resume) if distributed.get_rank() == 0 else None]
+    # Global rank 0 decides for the whole job (every node); the others take its answer.
+    run_id = launch_run_id()
+    decision = [choose_run_dir(opts.outdir, c.desc, opts.nosubdir, opts.resume, run_id)
+                if distributed.get_rank() == 0 else None]
     if dist.is_initialized():
         dist.broadcast_object_list(decision, src=0)
     run_dir, resume_state = decision[0]
+    if int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0')) > 0 and opts.resume != 'auto':
+        distributed.print0('Warning: torchrun may restart this job (--max-restarts), but without --resume=auto a restart '
+                           'starts again from the beginning' + ('.' if opts.resume else ' in a new run directory.'))
     if resume_state is not None:
         try:
             state = load_state(resume_state)  # fail on a bad file before anything is written into its run directory
         except SnapshotError as err:
             raise click.ClickException(str(err))
-        trained_with = state_loss_norm(state)
+        trained_with, state_seed = state_loss_norm(state), int(state['seed'])
         del state
         if trained_with != opts.loss_norm:
             distributed.print0(f'Note: {resume_state} was trained with --loss-norm={trained_with}; '
                                f'the run keeps it (not {opts.loss_norm}).')
             c.loss_norm = opts.loss_norm = trained_with
+        if seed_given and state_seed != opts.seed:
+            distributed.print0(f'Note: {resume_state} was trained with --seed={state_seed}; the run keeps it (not {opts.seed}).')
+        c.seed = opts.seed = state_seed  # training_loop takes the state's seed; the options written here say so too
     c.training_options = dict(opts)
 
     distributed.print0(json.dumps(dict(c, run_dir=run_dir, resume_state=resume_state), indent=2))
@@ -308,6 +359,7 @@ def main(ctx: click.Context, **kwargs) -> None:
     logger = None
     if distributed.get_rank() == 0:
         os.makedirs(run_dir, exist_ok=True)
+        write_run_id(run_dir, run_id)
         with open(os.path.join(run_dir, 'training_options.json'), 'wt') as f:
             json.dump(c, f, indent=2)
         logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'))

@@ -20,7 +20,7 @@ def choose_device(device: str = 'auto') -> torch.device:
     if resolved.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'--device={device}: CUDA is not available on this machine; use --device=cpu or auto')
     if resolved.type == 'cuda' and resolved.index is None:
-        resolved = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+        resolved = torch.device('cuda', get_local_rank())  # the node's GPU k for its k-th process, on every node
     return resolved
 
 
@@ -38,6 +38,15 @@ def init(device: str = 'auto', backend: Optional[str] = None) -> torch.device:
 def get_rank() -> int:
     """This process's rank, 0 without a process group."""
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_local_rank() -> int:
+    """This process's index on its own node (torchrun's LOCAL_RANK), 0 without torchrun.
+
+    Only for what belongs to one machine: its GPU and node-local files. What means the whole job (one run
+    directory, one writer of snapshots and logs, the data shard) goes by get_rank(), the global rank.
+    """
+    return int(os.environ.get('LOCAL_RANK', '0'))
 
 
 def get_world_size() -> int:

@@ -125,6 +125,28 @@ def state_loss_norm(state: Dict[str, Any]) -> str:
     return state.get('loss_norm', 'image')
 
 
+def trim_stats(path: str, next_tick: int) -> int:
+    """Drop the records of ticks >= next_tick from a stats.jsonl file (and a line cut short); returns how many went.
+
+    A run that starts at tick next_tick (0, or a state's cur_tick) writes those ticks again: after a crash or a
+    killed worker, the ticks between the last state file and the kill would otherwise be counted twice.
+    """
+    if not os.path.isfile(path):
+        return 0
+    with open(path, 'rb') as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if line.endswith(b'\n') and json.loads(line)['progress']['tick'] < next_tick:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    if len(kept) < len(lines):
+        snapshot.atomic_write(path, lambda f: f.writelines(kept))
+    return len(lines) - len(kept)
+
+
 def _format_time(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -382,7 +404,13 @@ def training_loop(
         distributed.print0(f'Already trained for {cur_nimg / 1e3:g} kimg of {total_kimg} kimg; nothing to do.')
         return
     collector = training_stats.Collector(regex='.*')
-    stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at') if rank == 0 else None
+    stats_jsonl = None
+    if rank == 0:
+        stats_path = os.path.join(run_dir, 'stats.jsonl')
+        dropped = trim_stats(stats_path, cur_tick)
+        if dropped:
+            print(f'Dropped {dropped} line(s) of stats.jsonl from tick {cur_tick} on: this run writes those ticks again.')
+        stats_jsonl = open(stats_path, 'at')
     with distributed.stop_on_signals():
         distributed.print0(f'Training for {total_kimg} kimg...\n')
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
