@@ -328,13 +328,14 @@ def edm_restated(net, seeds, num_steps, class_idx=None, sigma_min=0.002, sigma_m
         if class_idx is not None:
             labels[:, :] = 0
             labels[:, class_idx] = 1
+    sigma_min, sigma_max = max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
     i = torch.arange(num_steps, dtype=torch.float64)
     t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+    t = torch.cat([torch.as_tensor(net.round_sigma(t), dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     x = latents.to(torch.float64) * t[0]
     for k in range(num_steps):
         gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t[k] <= S_max else 0
-        t_hat = t[k] + gamma * t[k]
+        t_hat = torch.as_tensor(net.round_sigma(t[k] + gamma * t[k]), dtype=torch.float64)
         x_hat = x + (t_hat ** 2 - t[k] ** 2).sqrt() * S_noise * randn(x.shape, dtype=torch.float64)
         d = (x_hat - net(x_hat, t_hat, class_labels=labels).to(torch.float64)) / t_hat
         x_next = x_hat + (t[k + 1] - t_hat) * d
@@ -345,7 +346,31 @@ def edm_restated(net, seeds, num_steps, class_idx=None, sigma_min=0.002, sigma_m
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
-@pytest.mark.parametrize('mode', ['deterministic', 'always-churn', 'limited-churn', 'class-and-churn'])
+class RoundedNet(torch.nn.Module):
+    """A network whose noise levels are limited to [0.01, 20] and rounded to 3 significant digits (like iDDPM's
+    discrete levels): EDM clamps its schedule to the net and rounds every level it uses, including t_hat."""
+
+    sigma_min, sigma_max = 0.01, 20.0
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.img_channels, self.img_resolution, self.label_dim = net.img_channels, net.img_resolution, net.label_dim
+
+    def round_sigma(self, sigma):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        scale = 10 ** (2 - sigma.clamp(min=1e-30).log10().floor())
+        return (sigma * scale).round() / scale
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.net(x, sigma, class_labels=class_labels)
+
+
+T8 = karras_sigmas(8)  # the schedule of the 8-step runs below, to put S_min and S_max exactly on a step
+
+
+@pytest.mark.parametrize('mode', ['deterministic', 'always-churn', 'limited-churn', 'class-and-churn', 'churn-below-one',
+                                  'churn-bounds-on-steps', 'rho-3', 'rounded-net-with-churn'])
 def test_generate_images_equals_edm_seed_for_seed(mode):
     from training.networks import EDMPrecond
     from training.sampler import generate_images
@@ -358,10 +383,114 @@ def test_generate_images_equals_edm_seed_for_seed(mode):
     settings = {'deterministic': dict(),
                 'always-churn': dict(S_churn=40, S_noise=1.003),
                 'limited-churn': dict(S_churn=40, S_min=0.1, S_max=5, S_noise=1.003),  # 4 of the 8 steps churn
-                'class-and-churn': dict(S_churn=40, S_min=0.1, S_max=5, class_idx=1)}[mode]
+                'class-and-churn': dict(S_churn=40, S_min=0.1, S_max=5, class_idx=1),
+                'churn-below-one': dict(S_churn=0.5),  # gamma = 0.5 / 8, below the sqrt(2) - 1 cap
+                'churn-bounds-on-steps': dict(S_churn=40, S_min=T8[5].item(), S_max=T8[2].item()),  # both bounds included
+                'rho-3': dict(rho=3),
+                'rounded-net-with-churn': dict(S_churn=40, S_min=0.05, S_max=10)}[mode]
+    if mode == 'rounded-net-with-churn':
+        net = RoundedNet(net)
     class_idx = settings.pop('class_idx', None)
     seeds = [0, 1, 2, 7]
     with torch.no_grad():
         ours = generate_images(net, seeds, torch.device('cpu'), class_idx=class_idx, num_steps=8, **settings)
         reference = edm_restated(net, seeds, 8, class_idx=class_idx, **settings)
     assert (ours != reference).sum() == 0
+
+
+#----------------------------------------------------------------------------
+# Settings and inputs that silently change samples when mishandled.
+
+def test_sampler_defaults_are_edms():
+    """50 deterministic Heun steps from sigma 80 to 0.002 with rho 7 (Karras et al. 2022, Table 1)."""
+    import inspect
+    defaults = {name: p.default for name, p in inspect.signature(edm_sampler).parameters.items() if p.default is not p.empty}
+    assert {k: defaults[k] for k in ('num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise',
+                                     'solver', 'cfg')} == dict(num_steps=50, sigma_min=0.002, sigma_max=80, rho=7, S_churn=0,
+                                                               S_min=0, S_max=float('inf'), S_noise=1, solver='heun', cfg=1.0)
+
+def test_deterministic_sampling_draws_no_noise():
+    def no_noise(x):
+        raise AssertionError('S_churn=0 drew noise')
+    edm_sampler(GaussianDenoiser(), torch.randn([2, 1, 4, 4]), randn_like=no_noise, num_steps=4)
+
+def test_coordinate_channels_in_the_output_are_dropped():
+    """A net that returns its 2 coordinate channels after the image's gives the same samples as one that does not."""
+    class WithCoordinates(RecordingNet):
+        def __call__(self, x, sigma, **kwargs):
+            out = super().__call__(x, sigma, **kwargs)
+            return torch.cat([out, kwargs['x_pos']], dim=1)
+    latents = torch.randn([2, 3, 8, 8], generator=torch.Generator().manual_seed(0))
+    labels = torch.eye(3)[:2]
+    plain = edm_sampler(RecordingNet(pos_channels=2), latents, labels, num_steps=4)
+    assert torch.equal(edm_sampler(WithCoordinates(pos_channels=2), latents, labels, num_steps=4), plain)
+
+def test_net_without_a_pos_channels_attribute_gets_no_coordinates():
+    calls = []
+    def net(x, sigma, class_labels=None):  # a bare function: no pos_channels, no x_pos argument
+        calls.append(sigma)
+        return x * 0
+    edm_sampler(net, torch.randn([1, 1, 4, 4]), num_steps=2)
+    assert len(calls) == 3
+
+def test_coordinates_reach_the_net_as_float32():
+    net = RecordingNet(pos_channels=2)
+    edm_sampler(net, torch.randn([2, 3, 8, 8]), torch.eye(3)[:2], num_steps=2, x_pos=coordinate_grid(8, 8).double())
+    assert all(call['x_pos'].dtype == torch.float32 for call in net.calls)
+
+@pytest.mark.parametrize('what', ['x_pos', 'known', 'mask'])
+def test_inputs_with_an_extra_dimension_are_refused(what):
+    latents = torch.randn([1, 3, 8, 8])
+    x_pos = coordinate_grid(8, 8)[None]
+    known, mask = torch.zeros([1, 3, 8, 8]), torch.ones([1, 1, 8, 8])
+    wrong = dict(x_pos=x_pos[None], known=known[None], mask=mask[None])[what]  # 5 dimensions, first sizes still fit
+    kwargs = dict(x_pos=wrong if what == 'x_pos' else x_pos, inpaint=(wrong if what == 'known' else known, wrong if what == 'mask' else mask))
+    with pytest.raises(ValueError, match=what if what == 'x_pos' else f'inpaint {what}'):
+        edm_sampler(RecordingNet(pos_channels=2), latents, torch.eye(3)[:1], num_steps=2, **kwargs)
+
+def test_float32_known_image_is_kept_exactly_where_the_mask_is_zero():
+    known = torch.rand([1, 3, 8, 8]) * 2 - 1  # float32, as images are
+    mask = torch.ones([1, 1, 8, 8], dtype=torch.float32)
+    mask[..., :4] = 0
+    out = edm_sampler(RecordingNet(), torch.randn([2, 3, 8, 8]), torch.eye(3)[:2], num_steps=3, inpaint=(known, mask))
+    assert out.dtype == torch.float64 and torch.equal(out[..., :4], known.double().expand(2, -1, -1, -1)[..., :4])
+
+def test_karras_sigmas_edge_cases():
+    assert karras_sigmas(2, sigma_min=0.5, sigma_max=2).tolist() == pytest.approx([2, 0.5, 0], rel=1e-12)  # one ramp step
+    assert karras_sigmas(3, sigma_min=1, sigma_max=1).tolist() == pytest.approx([1, 1, 1, 0], rel=1e-12)
+    with pytest.raises(ValueError, match='sigma_max'):
+        karras_sigmas(3, sigma_max=float('inf'))
+
+def test_karras_sigmas_are_float64_whatever_round_sigma_returns():
+    class Float32Rounding:
+        def round_sigma(self, sigma):
+            return torch.as_tensor(sigma, dtype=torch.float32)
+    t = karras_sigmas(4, net=Float32Rounding())
+    assert t.dtype == torch.float64 and torch.equal(t[:-1], karras_sigmas(4).float().double()[:-1])
+
+def test_seeds_wrap_modulo_2_to_the_32_as_in_edm():
+    from training.sampler import StackedRandomGenerator
+    assert torch.equal(StackedRandomGenerator('cpu', [2 ** 32 + 5, 5]).randn([2, 3]).diff(dim=0), torch.zeros([1, 3]))
+
+def test_class_index_bounds():
+    from training.sampler import generate_images
+    net = RecordingNet()
+    net.img_channels, net.img_resolution = 3, 4
+    generate_images(net, [0], torch.device('cpu'), class_idx=0, num_steps=1)
+    assert torch.equal(net.calls[-1]['class_labels'], torch.tensor([[1.0, 0, 0]]))
+    generate_images(net, [0], torch.device('cpu'), class_idx=2, num_steps=1)
+    for bad in (-1, 3):
+        with pytest.raises(ValueError, match=f'class {bad} is outside'):
+            generate_images(net, [0], torch.device('cpu'), class_idx=bad, num_steps=1)
+
+def test_decoder_gets_the_samples_and_its_images_are_returned():
+    from training.sampler import generate_images
+    net, seen = RecordingNet(), []
+    net.img_channels, net.img_resolution = 3, 4
+    def decoder(samples):
+        seen.append(samples)
+        return torch.full([len(samples), 3, 8, 8], 7, dtype=torch.uint8)
+    images = generate_images(net, [0, 1], torch.device('cpu'), decoder=decoder, num_steps=2)
+    assert torch.equal(images, torch.full([2, 3, 8, 8], 7, dtype=torch.uint8))
+    undecoded = generate_images(net, [0, 1], torch.device('cpu'), num_steps=2)  # the same seeds: the same samples
+    assert torch.equal(((seen[0] * 127.5 + 128).clip(0, 255)).to(torch.uint8), undecoded)
