@@ -39,7 +39,14 @@ MODULES = {
                                       'test_ema_beta_halves_the_old_weight_once_per_half_life',
                                       'test_ema_beta_at_the_first_step_takes_the_network_weights',
                                       'test_update_ema_moves_each_parameter_by_one_minus_beta',
-                                      'test_gradient_accumulation_rounds_equal_one_round')] +
+                                      'test_gradient_accumulation_rounds_equal_one_round',
+                                      'test_optimizer_step_sets_the_learning_rate_and_the_default_is_edms_image_norm',
+                                      'test_optimizer_step_replaces_nan_and_inf_gradients_as_edm_does',
+                                      'test_optimizer_step_multiplies_the_loss_by_loss_scaling_without_a_scaler',
+                                      'test_optimizer_step_with_a_grad_scaler_unscales_before_the_update',
+                                      'test_optimizer_step_passes_labels_augment_pipe_autocast_and_layout_to_the_loss',
+                                      'test_optimizer_step_reports_the_loss_as_loss_slash_loss',
+                                      'test_optimizer_step_all_reduces_only_in_the_last_accumulation_round')] +
                                   [f'tests/test_loss_norm.py::{name}' for name in (
                                       'test_patch_steps_weigh_equally_per_pixel_and_by_area_per_image',
                                       'test_unknown_loss_norm_is_rejected', 'test_image_norm_is_edms_formula_bit_for_bit',

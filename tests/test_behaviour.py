@@ -245,3 +245,86 @@ def test_patch_sizes_that_differ_between_ranks_fail_at_once():
     results = run_ranks(_schedule_check, 2, 1)  # each rank seeds its own schedule
     for outcome, seconds, upcoming_is_next in results:
         assert 'the patch sizes of the next 64 steps differ between ranks' in outcome and seconds < 10 and upcoming_is_next
+
+
+# --- optimizer_step: what a step does with its arguments, on a one-parameter model -------------------------------
+
+class Weights(torch.nn.Module):
+    """Four weights w, returned by forward(); with linear_loss the gradient of a step is exactly its coefficients."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4))
+        self.calls = []
+
+    def forward(self, images, *args, **kwargs):
+        self.calls.append(dict(autocast=torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu')))
+        return self.w
+
+
+def linear_loss(coefficients: torch.Tensor, record: list):
+    """A loss_fn whose loss is w . coefficients, split evenly over the images; it records what it was given."""
+    def loss_fn(net, images, size, labels=None, augment_pipe=None):
+        record.append(dict(images=images, labels=labels, augment_pipe=augment_pipe,
+                           sync=getattr(net, 'require_backward_grad_sync', None)))
+        return (net(images) * coefficients).sum().reshape(1, 1, 1, 1).expand(len(images), 1, 1, 1) / len(images)
+    return loss_fn
+
+
+def one_step(coefficients, lr=1.0, record=None, net=None, num_rounds=1, **kwargs):
+    """The weights after one optimizer_step with SGD from zero."""
+    net = net or Weights()
+    optimizer = torch.optim.SGD(net.parameters(), lr=123.0)  # optimizer_step must replace this lr
+    batch = (torch.zeros([1, 3, 4, 4]), torch.eye(3)[:1])
+    optimizer_step(net, optimizer, linear_loss(torch.tensor(coefficients), [] if record is None else record),
+                   lambda multiplier: batch, 4, 1, num_rounds, lr, **kwargs)
+    return (net.module if hasattr(net, 'module') else net).w.detach()
+
+
+def test_optimizer_step_sets_the_learning_rate_and_the_default_is_edms_image_norm():
+    assert torch.equal(one_step([1.0, 2.0, -1.0, 0.5], lr=0.5), torch.tensor([-0.5, -1.0, 0.5, -0.25]))
+
+
+def test_optimizer_step_replaces_nan_and_inf_gradients_as_edm_does():
+    """EDM: nan -> 0, +inf -> 1e5, -inf -> -1e5, finite values untouched."""
+    assert torch.equal(one_step([math.nan, math.inf, -math.inf, 2.0]), torch.tensor([0.0, -1e5, 1e5, -2.0]))
+
+
+def test_optimizer_step_multiplies_the_loss_by_loss_scaling_without_a_scaler():
+    assert torch.equal(one_step([1.0, 2.0, 0.0, -1.0], loss_scaling=4.0), torch.tensor([-4.0, -8.0, 0.0, 4.0]))
+
+
+def test_optimizer_step_with_a_grad_scaler_unscales_before_the_update():
+    scaler = torch.amp.GradScaler('cpu', init_scale=8.0)
+    assert torch.equal(one_step([1.0, 2.0, 0.0, -1.0], scaler=scaler, loss_scaling=4.0), torch.tensor([-1.0, -2.0, 0.0, 1.0]))
+    assert scaler.get_scale() == 8.0  # a finite step keeps the scale (growth comes after growth_interval steps)
+
+
+def test_optimizer_step_passes_labels_augment_pipe_autocast_and_layout_to_the_loss():
+    record, pipe, net = [], object(), Weights()
+    one_step([1.0, 0, 0, 0], record=record, net=net, augment_pipe=pipe, autocast_dtype=torch.bfloat16, channels_last=True)
+    call = record[0]
+    assert torch.equal(call['labels'], torch.eye(3)[:1]) and call['augment_pipe'] is pipe
+    assert call['images'].is_contiguous(memory_format=torch.channels_last)
+    assert net.calls == [dict(autocast=torch.bfloat16)]  # the network ran under bfloat16 autocast
+    one_step([1.0, 0, 0, 0], net=net)
+    assert net.calls[-1] == dict(autocast=False)
+
+
+def test_optimizer_step_reports_the_loss_as_loss_slash_loss(monkeypatch):
+    from torch_utils import training_stats
+    names = []
+    monkeypatch.setattr(training_stats, 'report', lambda name, value: names.append(name))
+    one_step([1.0, 0, 0, 0], num_rounds=2)
+    assert names == ['Loss/loss', 'Loss/loss']
+
+
+def test_optimizer_step_all_reduces_only_in_the_last_accumulation_round():
+    from multiproc import free_port
+    torch.distributed.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)
+    try:
+        record = []
+        one_step([1.0, 0, 0, 0], record=record, num_rounds=3, net=torch.nn.parallel.DistributedDataParallel(Weights()))
+        assert [call['sync'] for call in record] == [False, False, True]
+    finally:
+        torch.distributed.destroy_process_group()
