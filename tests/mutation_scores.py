@@ -118,12 +118,12 @@ def main(modules: Sequence[str], json_path: Optional[str]) -> None:
             print(f'{module}: score {row["score"]:.1%}  {row["counts"]}', flush=True)
             for name in row['survivors']:
                 print(f'  survived: {name}')
+            if json_path:  # after every module, so that a later failure keeps what was measured
+                with open(json_path, 'w') as f:
+                    json.dump(results, f, indent=2)
     finally:
         with open(os.path.join(ROOT, 'setup.cfg'), 'w') as f:
             f.write(config)
-    if json_path:
-        with open(json_path, 'w') as f:
-            json.dump(results, f, indent=2)
 
 
 if __name__ == '__main__':

@@ -98,7 +98,6 @@ def test_kid_is_zero_for_one_distribution_and_positive_for_two():
     assert fid.calculate_kid(x, z, num_subsets=5, seed=1) == fid.calculate_kid(x, z, num_subsets=5, seed=1)
 
 
-@pytest.mark.parametrize('detector', ['detector.pt', 'detector.pkl'])
 def kid_by_hand(x: np.ndarray, y: np.ndarray) -> float:
     """Unbiased MMD^2 with the kernel k(a, b) = (a.b / d + 1)^3, written out pair by pair (Binkowski et al. 2018)."""
     k = lambda a, b: (a @ b / len(a) + 1) ** 3  # noqa: E731
@@ -166,6 +165,7 @@ def test_feature_stats_are_numpys_mean_and_covariance():
     np.testing.assert_array_equal(stats['features'], features.astype(np.float32))
 
 
+@pytest.mark.parametrize('detector', ['detector.pt', 'detector.pkl'])
 def test_ref_and_calc_with_a_custom_detector(files, tmp_path, detector):
     result = run('ref', '--data', files / 'a.zip', '--dest', tmp_path / 'sub' / 'ref.npz', '--detector', files / detector, '--batch', 10)
     assert result.exit_code == 0, result.output
