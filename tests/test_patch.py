@@ -230,3 +230,15 @@ def test_crop_at_checks_top_and_left_shapes_separately():
                       (torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long))]:
         with pytest.raises(ValueError, match=r'top and left must have shape \[2\]'):
             crop_at(images, top, left, 4)
+
+
+def test_smallest_valid_resolution_and_patch_and_the_requested_dtype():
+    """A 2x2 image and 1-pixel patches are valid (its corners are -1 and 1); resolution 1 and size 0 are not.
+    The coordinates come in the dtype asked for."""
+    assert coordinate_grid(2, 1, top=1, left=0).tolist() == [[[-1.0]], [[1.0]]]
+    assert coordinate_grid(2, 2).tolist() == [[[-1.0, 1.0], [-1.0, 1.0]], [[-1.0, -1.0], [1.0, 1.0]]]
+    for resolution, size in [(1, 1), (4, 0)]:
+        with pytest.raises(ValueError):
+            coordinate_grid(resolution, size)
+    assert coordinate_grid(8, 4, dtype=torch.float32).dtype == torch.float32
+    assert coordinate_grid(8, 4, dtype=torch.float64).dtype == torch.float64
