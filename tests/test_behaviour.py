@@ -17,7 +17,8 @@ from training.dataset import ImageFolderDataset
 from training.networks import EDMPrecond
 from training.sampler import generate_images
 from training.snapshot import atomic_write, newest_state
-from training.training_loop import ema_beta, optimizer_step, ramped_lr, update_ema
+from training.phema import update_ema
+from training.training_loop import ema_beta, optimizer_step, ramped_lr
 
 
 def tiny_net(**kwargs) -> EDMPrecond:

@@ -53,6 +53,13 @@ def halflife_to_sigma_rel(halflife_nimg: float, t: float) -> float:
     return halflife_nimg / (t * math.log(2))
 
 
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
+    """ema <- beta * ema + (1 - beta) * net, parameter by parameter."""
+    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+        p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+
+
 def power_beta(gamma: float, cur_nimg: int, step_nimg: int) -> float:
     """The decay of a step from cur_nimg to cur_nimg + step_nimg images: (1 - dt/t)^(gamma+1); 0 on the first step."""
     t = cur_nimg + step_nimg
@@ -81,9 +88,7 @@ class PowerEMA:
     def update(self, net: torch.nn.Module, cur_nimg: int, step_nimg: int) -> None:
         """After a step of step_nimg images taken at cur_nimg: ema <- beta ema + (1 - beta) net in every profile."""
         for profile, gamma in zip(self.profiles, self.gammas):
-            beta = power_beta(gamma, cur_nimg, step_nimg)
-            for p_ema, p_net in zip(profile.parameters(), net.parameters()):
-                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+            update_ema(profile, net, power_beta(gamma, cur_nimg, step_nimg))
             for b_ema, b_net in zip(profile.buffers(), net.buffers()):
                 b_ema.copy_(b_net)
 

@@ -19,7 +19,7 @@ from training.networks import check_patch_size
 from training.images import save_image_grid, to_float
 from training.latents import SD_SCALE, LatentCodec, sample_latents
 from training.patch import PatchSchedule, coordinate_grid
-from training.phema import PowerEMA, phema_snapshot_name, save_phema_snapshot
+from training.phema import PowerEMA, phema_snapshot_name, save_phema_snapshot, update_ema
 from training.sampler import generate_images
 
 
@@ -254,13 +254,6 @@ def ema_beta(cur_nimg: int, step_nimg: int, halflife_kimg: float, rampup_ratio: 
     if rampup_ratio is not None:
         halflife_nimg = min(halflife_nimg, cur_nimg * rampup_ratio)
     return 0.5 ** (step_nimg / max(halflife_nimg, 1e-8))
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    """ema <- beta * ema + (1 - beta) * net, parameter by parameter."""
-    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-        p_ema.copy_(p_net.detach().lerp(p_ema, beta))
 
 
 def training_loop(
