@@ -50,6 +50,7 @@ sys.path.insert(0, ROOT)
 import fid  # noqa: E402
 from bench.common import environment, line_plot, write_json  # noqa: E402
 from reconstruct_ema import parse_float_list  # noqa: E402
+from torch_utils.distributed import choose_device  # noqa: E402
 from training import demo_shapes  # noqa: E402
 from training.dataset import DatasetError, ImageFolderDataset  # noqa: E402
 from training.detector import OFFLINE_NAME, DetectorError, load_detector  # noqa: E402
@@ -305,26 +306,30 @@ def load_weights(net: torch.nn.Module, weights: Dict[str, torch.Tensor], run: Ru
 
 
 def score_run(run: Run, heldout: torch.Tensor, samples: int, steps: int, coherence: bool, inception: Optional[Inception],
-              grid: Optional[str], points: int, key: Dict, ema_lengths: Optional[Sequence[float]] = None) -> Dict:
-    """Held-out loss of (at most `points`) snapshots of a run; coherence, FID and KID of the last one's samples and their
-    grid when asked; with `ema_lengths`, the post-hoc EMA lengths' held-out loss (score_phema).
+              grid: Optional[str], points: int, key: Dict, ema_lengths: Optional[Sequence[float]] = None,
+              device: torch.device = torch.device('cpu'), samples_file: Optional[str] = None) -> Dict:
+    """Held-out loss of (at most `points`) snapshots of a run, with the networks on `device`; coherence, FID and KID of
+    the last one's samples and their grid when asked; the samples as uint8 NHWC in `samples_file` (.npz, key 'samples')
+    when given; with `ema_lengths`, the post-hoc EMA lengths' held-out loss (score_phema).
 
     The result is kept in the run's SCORES file under `key` (what the scores depend on), so scoring the same run the
     same way again, for example in a second process scoring other arms, costs nothing.
     """
     cached = read_json(os.path.join(run.dir, SCORES))
-    if cached is not None and cached['key'] == key and (grid is None or os.path.isfile(grid)):
+    if cached is not None and cached['key'] == key and all(path is None or os.path.isfile(path) for path in (grid, samples_file)):
         print(f'{run} scores reused', flush=True)
         return cached['result']
     curve = []
     for point in thin(snapshot_points(run), points):
-        net = load_network(point.pop('path'))
+        net = load_network(point.pop('path'), device)
         losses = heldout_loss(net, heldout)
         curve.append(dict(point, heldout_loss=losses['mean']))
     result = dict(seed=run.seed, dir=run.dir, curve=curve, kimg=curve[-1]['kimg'], seconds=curve[-1]['seconds'],
                   heldout_loss=losses['mean'], heldout_loss_by_sigma=losses)
-    if coherence or inception or grid:
-        images = sample(net, samples if coherence or inception else min(samples, GRID_IMAGES), steps)
+    if coherence or inception or grid or samples_file:
+        images = sample(net, samples if coherence or inception or samples_file else min(samples, GRID_IMAGES), steps)
+        if samples_file:
+            save_samples(samples_file, images)
         if coherence:
             result['coherence'] = demo_shapes.coherence_score(images)
         if inception:
@@ -340,6 +345,12 @@ def score_run(run: Run, heldout: torch.Tensor, samples: int, steps: int, coheren
              f'{result["phema"]["best_heldout_loss"]:.4f}' if ema_lengths else ''), flush=True)
     atomic_write(os.path.join(run.dir, SCORES), lambda f: f.write(json.dumps(dict(key=key, result=result)).encode('utf-8')))
     return result
+
+
+def save_samples(path: str, images: torch.Tensor) -> None:
+    """uint8 [N, 3, H, W] samples written atomically as an .npz of uint8 [N, H, W, 3] under the key 'samples'."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: np.savez(f, samples=images.permute(0, 2, 3, 1).numpy()))
 
 
 def read_json(path: str) -> Optional[Dict]:
@@ -423,11 +434,15 @@ def paired(arms: Dict[str, Dict]) -> List[Dict]:
 
 
 def score_study(runs: List[Run], heldout: torch.Tensor, samples: int, steps: int, coherence: bool, inception: Optional[Inception],
-                figures: str, points: int, key: Dict, ema_lengths: Optional[Sequence[float]] = None) -> Tuple[Dict[str, Dict], float]:
-    """Every run scored, summarised per arm, and the common kimg of the equal-kimg comparison."""
+                figures: str, points: int, key: Dict, ema_lengths: Optional[Sequence[float]] = None,
+                device: torch.device = torch.device('cpu'), samples_dir: Optional[str] = None) -> Tuple[Dict[str, Dict], float]:
+    """Every run scored (networks on `device`; samples saved into `samples_dir` as ARM-seedN.npz when given), summarised
+    per arm, and the common kimg of the equal-kimg comparison."""
     grids = {arm: os.path.join(figures, f'grid-{arm}.png') for arm in dict.fromkeys(run.arm for run in runs)}
     scored = {run: score_run(run, heldout, samples, steps, coherence, inception, grids[run.arm] if run.seed == 0 else None,
-                             points, key, ema_lengths) for run in runs}
+                             points, key, ema_lengths, device,
+                             os.path.join(samples_dir, f'{run.arm}-seed{run.seed}.npz') if samples_dir else None)
+              for run in runs}
     common_kimg = min(result['kimg'] for result in scored.values())
     arms = {arm: [scored[run] for run in sorted(runs, key=lambda r: r.seed) if run.arm == arm] for arm in grids}
     return {arm: summarise(arm, results, common_kimg, grids[arm]) for arm, results in arms.items()}, common_kimg
@@ -634,14 +649,16 @@ def inception_reference(data: str, samples: int, detector: str) -> Tuple[Incepti
 @click.option('--report', help='Markdown report to write', metavar='MD', default='docs/results.md', show_default=True)
 @click.option('--figures', help='Folder for the plots and grids  [default: ablation/ next to --report]', metavar='DIR')
 @click.option('--points', help='Snapshots scored per run at most (every k-th, back from the last)', metavar='INT', type=click.IntRange(min=2), default=8, show_default=True)
+@click.option('--device', help='Where to score: held-out loss and sampling (training takes --extra\'s --device)', type=click.Choice(['auto', 'cpu', 'cuda']), default='cpu', show_default=True)
+@click.option('--save-samples', 'samples_dir', help='Also save each run\'s --samples samples here as ARM-seedN.npz (uint8 NHWC, key "samples")', metavar='DIR')
 @click.option('--score-only', help='Score the finished runs in --outdir again, training nothing', is_flag=True)
 @click.option('--phema', help='Post-hoc EMA: train every run with train.py --phema=LIST and score --ema-lengths  [default: off]', metavar='LIST')
 @click.option('--ema-lengths', help=f'sigma_rels reconstructed and scored with --phema  [default: {DEFAULT_EMA_LENGTHS}]', metavar='LIST')
 @click.pass_context
 def main(ctx: click.Context, data: str, heldout: Optional[str], heldout_num: int, arm_list: str, seeds: int, jobs: int,
          threads: Optional[int], budget: float, tick_kimg: float, progressive_kimg: Optional[float], preset: str, extra: str,
-         coherence: Optional[bool], with_fid: bool, detector: str, samples: int, steps: int, points: int, outdir: str, report: str, figures: Optional[str], score_only: bool,
-         phema: Optional[str], ema_lengths: Optional[str]) -> None:
+         coherence: Optional[bool], with_fid: bool, detector: str, samples: int, steps: int, points: int, outdir: str, report: str, figures: Optional[str], device: str, samples_dir: Optional[str],
+         score_only: bool, phema: Optional[str], ema_lengths: Optional[str]) -> None:
     """Train every arm with every seed for the same wall-clock time, then score, plot and report them."""
     arms = parse_arms(arm_list)
     if ema_lengths is not None and phema is None:
@@ -653,6 +670,10 @@ def main(ctx: click.Context, data: str, heldout: Optional[str], heldout_num: int
     if progressive_kimg is None and any('--progressive=True' in ARMS[arm].flags for arm in arms):
         raise click.BadParameter('a progressive arm is paced by its duration: give about the kimg that p=0.5 reaches in '
                                  '--budget (the p0.5-pixel arm alone shows it)', param_hint='--progressive-kimg')
+    try:
+        scoring_device = choose_device(device)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint='--device')
     dataset = open_dataset(data, '--data')
     heldout_images, heldout_text = heldout_set(heldout, heldout_num, dataset)
     coherence = heldout is None if coherence is None else coherence
@@ -667,7 +688,8 @@ def main(ctx: click.Context, data: str, heldout: Optional[str], heldout_num: int
     torch.set_num_threads(jobs * threads)
     key = dict(heldout=heldout_text, samples=samples, steps=steps, coherence=coherence, points=points, detector=detector_name,
                **(dict(ema_lengths=lengths) if lengths else {}))
-    arm_results, common_kimg = score_study(runs, heldout_images, samples, steps, coherence, inception, figures, points, key, lengths)
+    arm_results, common_kimg = score_study(runs, heldout_images, samples, steps, coherence, inception, figures, points, key, lengths,
+                                           scoring_device, samples_dir)
     plots = {x_key: os.path.join(figures, f'heldout-loss-{x_key}.png') for x_key in ('seconds', 'kimg')}
     for x_key, xlabel in (('seconds', 'wall-clock seconds'), ('kimg', 'kimg')):
         plot(arm_results, x_key, xlabel, plots[x_key], seeds)
@@ -675,7 +697,7 @@ def main(ctx: click.Context, data: str, heldout: Optional[str], heldout_num: int
         plots['sigma_rel'] = os.path.join(figures, 'heldout-loss-sigma-rel.png')
         plot_phema(arm_results, plots['sigma_rel'], seeds)
     options = {name: value for name, value in ctx.params.items() if name not in ('phema', 'ema_lengths') or value is not None}
-    study = dict(command='python ' + shlex.join(sys.argv), options=options, environment=environment(torch.device('cpu')),
+    study = dict(command='python ' + shlex.join(sys.argv), options=options, environment=environment(scoring_device),
                  data=data, heldout=heldout_text, preset=preset, extra=extra, seeds=seeds, jobs=jobs, threads=threads,
                  budget=budget, tick=tick_kimg, coherence=coherence, detector=detector_name, samples=samples, steps=steps, points=points, common_kimg=common_kimg,
                  plots=plots, arms=arm_results, paired=paired(arm_results),
