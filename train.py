@@ -24,7 +24,7 @@ from training.patch import PatchSchedule
 from training.phema import sigma_rel_to_gamma
 from training.presets import apply_defaults, training_preset
 from training.snapshot import SnapshotError, atomic_write, load_state, newest_state
-from training.training_loop import LOSS_NORMS, split_batch, state_loss_norm, training_loop
+from training.training_loop import CUBLAS_WORKSPACE_CONFIG, LOSS_NORMS, split_batch, state_loss_norm, training_loop
 
 def parse_int_list(value: Optional[str]) -> Optional[list]:
     """'1,2,2' -> [1, 2, 2]."""
@@ -124,8 +124,9 @@ def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, worl
              precision='bf16' if opts.bf16 else 'fp16' if opts.fp16 else 'fp32',
              loss_scaling=opts.ls if opts.ls is not None else 2.0 ** 16 if opts.fp16 else 1,
              compile_kwargs=dnnlib.EasyDict(dynamic=False) if opts.compile else None, channels_last=opts.channels_last,
-             cudnn_benchmark=opts.bench, tf32=opts.tf32, kimg_per_tick=opts.tick, snapshot_ticks=opts.snap,
-             state_dump_ticks=opts.dump, seed=opts.seed, transfer=opts.transfer, loss_norm=opts.loss_norm)
+             cudnn_benchmark=opts.bench, tf32=opts.tf32, deterministic=opts.deterministic, kimg_per_tick=opts.tick,
+             snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, seed=opts.seed, transfer=opts.transfer,
+             loss_norm=opts.loss_norm)
     c.phema_sigma_rels = parse_sigma_rels(opts.phema)
     c.phema_snapshot_ticks = opts.phema_snap if opts.phema_snap is not None else opts.snap
     c.preview = dnnlib.EasyDict(num_images=64, num_steps=opts.preview_steps) if opts.preview else None
@@ -278,6 +279,7 @@ def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]
 @click.option('--channels-last', help='Channels-last memory format for the training network', metavar='[BOOL]', type=bool, default=False, show_default=True, is_flag=False, flag_value=True)
 @click.option('--attn-impl', help='Self-attention: torch\'s fused SDPA or EDM\'s explicit einsum', type=click.Choice(['sdpa', 'explicit']), default='sdpa', show_default=True)
 @click.option('--bench', help='Enable cuDNN benchmarking', type=bool, default=True, show_default=True)
+@click.option('--deterministic', help='Deterministic kernels (no cuDNN benchmarking or atomics): identical runs and resumes give identical bits on CUDA too, somewhat slower', metavar='[BOOL]', type=bool, default=False, show_default=True, is_flag=False, flag_value=True)
 @click.option('--cache', help='Cache dataset in CPU memory', type=bool, default=True, show_default=True)
 @click.option('--cache-limit', help='Most memory the caches of the ranks on one machine may take; above it, read uncached  [default: half the available memory]',
               metavar='GIB', type=click.FloatRange(min=0, min_open=True))
@@ -301,6 +303,8 @@ def main(ctx: click.Context, **kwargs) -> None:
     """Train a diffusion model on random patches (Patch Diffusion) or on whole images (EDM)."""
     opts = resolve_options(ctx, kwargs)
     device = distributed.init(opts.device)
+    if opts.deterministic and device.type == 'cuda':
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_WORKSPACE_CONFIG)  # cuBLAS reads it once, at its first call
     world_size = distributed.get_world_size()
     check_speed_options(opts, device)
     check_latent_options(opts)

@@ -32,6 +32,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import xml.etree.ElementTree as ET
 from typing import Any, Callable, Dict, List, Optional
@@ -48,20 +49,21 @@ from training.snapshot import atomic_write  # noqa: E402
 
 PARTS = ('correctness', 'speed', 'payoff')
 PAYOFF_ARMS = ('full', 'p0.5-pixel', 'p0.5-image')
-JSON_NAME, MD_NAME, LOG_NAME = 'gpu_suite.json', 'gpu_suite.md', 'gpu_suite.log'
+JSON_NAME, MD_NAME, LOG_NAME, LOGS_NAME = 'gpu_suite.json', 'gpu_suite.md', 'gpu_suite.log', 'gpu_suite-logs.tgz'
+DEADLINE_RESERVE_S = 10  # kept free before --deadline for writing the results
 TARGETS = dict(speedup_vs_official=2.0, p_vs_full=2.4)
 
 # Sizes of a real run on one GPU and of the CPU smoke run. Caps are seconds of wall clock per step.
 SIZES = {
     'full': dict(
         device='cuda',
-        tests_cap=150,
+        tests_cap=120,
         speed_preset='celeba64', speed_batch=64, speed_cbase=None, speed_modes='fp32,bf16,fp16,bf16+compile',
-        speed_rounds=1, speed_warmup=2, speed_steps=5, worker_cap=150, official_cap=420,
-        sample_batch=256, sample_steps=50, sample_cap=150,
-        wait_preset='celeba64', wait_resolution=64, wait_images=2000, wait_kimg=6, wait_extra='--batch=64 --bf16 --workers=4',
-        wait_cap=150,
-        payoff_budget=45, payoff_tick=20, payoff_samples=2000, payoff_steps=18, payoff_points=4, payoff_cap=300,
+        speed_rounds=1, speed_warmup=2, speed_steps=5, worker_cap=100, official_cap=240,
+        sample_batch=256, sample_steps=50, sample_cap=90,
+        wait_preset='celeba64', wait_resolution=64, wait_images=2000, wait_kimg=4, wait_extra='--batch=64 --bf16 --workers=4',
+        wait_cap=75,
+        payoff_budget=40, payoff_tick=20, payoff_samples=2000, payoff_steps=18, payoff_points=4, payoff_cap=200,
         payoff_extra='--device=cuda --workers=4 --cbase=64 --blocks=2 --batch=256 --bf16 --lr-rampup=0.01 --ema=0.01',
     ),
     'smoke': dict(
@@ -81,8 +83,8 @@ SIZES = {
 class Suite:
     """The suite's record: results per part, written as JSON and Markdown into `out` after every step."""
 
-    def __init__(self, out: str, workdir: str, record: Dict[str, Any]):
-        self.out, self.workdir, self.record = out, workdir, record
+    def __init__(self, out: str, workdir: str, record: Dict[str, Any], deadline: Optional[float] = None):
+        self.out, self.workdir, self.record, self.deadline = out, workdir, record, deadline
         os.makedirs(out, exist_ok=True)
         os.makedirs(workdir, exist_ok=True)
 
@@ -100,8 +102,18 @@ class Suite:
             f.write(text + '\n')
 
     def step(self, part: str, name: str, command: List[str], cap: float, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-        """Run one command under a time cap, its output going to a log file; record and return how it ended."""
+        """Run one command under a time cap (cut to what is left before the suite's deadline), its output going to a log
+        file; record and return how it ended."""
         log_path = os.path.join(self.workdir, f'{part}-{name}.log')
+        if self.deadline is not None:
+            left = self.deadline - time.time() - DEADLINE_RESERVE_S
+            if left < 1:
+                result = dict(command=shlex.join(command), seconds=0, returncode=None, ok=False, error='not run: the suite\'s --deadline was reached')
+                self.log(f'[{part}/{name}] {result["error"]}')
+                self.record['parts'].setdefault(part, {}).setdefault('steps', {})[name] = result
+                self.save()
+                return result
+            cap = min(cap, left)
         self.log(f'[{part}/{name}] cap {cap:g} s: {shlex.join(command)}')
         start = time.time()
         with open(log_path, 'w') as log:
@@ -118,7 +130,7 @@ class Suite:
             tail = f.read()[-4000:]
         result = dict(command=shlex.join(command), seconds=round(seconds, 1), returncode=rc, ok=rc == 0)
         if rc != 0:
-            result['error'] = f'timed out after {cap:g} s' if rc is None else f'exit {rc}'
+            result['error'] = f'timed out after {cap:.0f} s' if rc is None else f'exit {rc}'
             result['output_tail'] = tail
         self.log(f'[{part}/{name}] {"ok" if rc == 0 else result["error"]} in {seconds:.0f} s')
         if rc != 0:
@@ -309,9 +321,12 @@ def speed_md(part: Dict[str, Any]) -> List[str]:
     ss = part.get('sample_speed') or {}
     if ss.get('batches'):
         lines += ['Sampling, 50 Heun steps (`bench/sample_speed.py`):', '']
-        lines += md_table(['batch', 'ours img/s', 'EDM edm_sampler img/s', 'ours / EDM', 'max |ours - EDM|'],
-                          [[b['batch'], b['images_per_sec'], (b.get('edm') or {}).get('images_per_sec'),
-                            b.get('ours_vs_edm'), b.get('max_abs_diff_vs_edm')] for b in ss['batches']])
+        lines += md_table(['batch', 'ours img/s', 'EDM edm_sampler img/s', 'ours / EDM', 'max abs(ours - EDM)',
+                           'uint8 values differing', 'peak GiB'],
+                          [[b['batch'], b.get('images_per_sec'), b.get('edm_images_per_sec'), b.get('ours_vs_edm'),
+                            b.get('max_abs_diff'), b.get('uint8_pixels_differing'), b.get('peak_memory_gb')]
+                           for b in ss['batches']])
+        lines += [f'TF32 flags while sampling: {ss.get("precision_flags")}', '']
     dw = part.get('data_wait') or {}
     if dw.get('rows'):
         lines += ['Loader share of the step (`bench/data_wait.py`, `Timing/data_wait_sec`):', '']
@@ -360,6 +375,17 @@ def render_markdown(record: Dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
+def pack_logs(workdir: str, path: str, most_bytes: int = 2 ** 21) -> None:
+    """The logs, JSON and stats of every step under `workdir` (files up to `most_bytes`) as one .tgz, for a post-mortem."""
+    with tarfile.open(path + '.tmp', 'w:gz') as tar:
+        for folder, _, names in os.walk(workdir):
+            for name in sorted(names):
+                full = os.path.join(folder, name)
+                if name.endswith(('.log', '.json', '.jsonl', '.xml', '.md')) and os.path.getsize(full) <= most_bytes:
+                    tar.add(full, arcname=os.path.relpath(full, workdir))
+    os.replace(path + '.tmp', path)
+
+
 def git_commit() -> str:
     """The checkout's HEAD commit, or 'unknown' outside a git checkout (the device machine gets a copy without .git)."""
     proc = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True)
@@ -386,8 +412,10 @@ def cli() -> None:
               type=click.Path(exists=True))
 @click.option('--heldout', help='Its held-out images (dataset_tool.py --heldout-dest)', metavar='ZIP', type=click.Path(exists=True))
 @click.option('--commit', help='Git commit to record  [default: git rev-parse HEAD]', metavar='SHA')
+@click.option('--deadline', help='Seconds the whole run may take: later steps get what is left, or are not run', metavar='SEC',
+              type=click.FloatRange(min=0, min_open=True))
 def run(out: Optional[str], workdir: Optional[str], part_list: str, smoke: bool, official: Optional[str], edm: Optional[str],
-        data: Optional[str], heldout: Optional[str], commit: Optional[str]) -> None:
+        data: Optional[str], heldout: Optional[str], commit: Optional[str], deadline: Optional[float]) -> None:
     """Run the parts, each step capped, writing the JSON and the tables after every step."""
     parts = [p.strip() for p in part_list.split(',') if p.strip()]
     if not parts or any(p not in PARTS for p in parts):
@@ -404,11 +432,11 @@ def run(out: Optional[str], workdir: Optional[str], part_list: str, smoke: bool,
     record = dict(previous, suite='gpu_suite', smoke=smoke, commit=commit or git_commit(),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                   environment=environment(device), sizes=size, parts=previous.get('parts', {}))
-    suite = Suite(out, workdir, record)
+    start = time.time()
+    suite = Suite(out, workdir, record, None if deadline is None else start + deadline)
     for name in parts:  # a rerun of some parts replaces only those
         record['parts'][name] = dict(started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
     suite.log(f'GPU suite on {record["environment"]["device_name"]}, torch {torch.__version__}, parts {parts}')
-    start = time.time()
     for name in parts:
         part_start = time.time()
         try:
@@ -425,6 +453,7 @@ def run(out: Optional[str], workdir: Optional[str], part_list: str, smoke: bool,
         suite.save()
     record['seconds'] = round(time.time() - start, 1)
     suite.save()
+    pack_logs(workdir, os.path.join(out, LOGS_NAME))
     suite.log(f'Done in {record["seconds"]:.0f} s: {os.path.join(out, JSON_NAME)}, {os.path.join(out, MD_NAME)}')
 
 

@@ -2,12 +2,15 @@
 
 import json
 import os
+import sys
+import time
 
+import psutil
 import pytest
 import torch
 from click.testing import CliRunner
 
-from bench import sample_speed, train_throughput, vs_official
+from bench import common, sample_speed, train_throughput, vs_official
 from training.patch import PatchSchedule
 
 TINY = ['--preset=demo', '--device=cpu', '--cbase=8']
@@ -145,11 +148,20 @@ def test_vs_official_rejects_a_folder_that_is_not_the_official_code(tmp_path):
                     reason=f'needs a checkout of the official Patch Diffusion code in {OFFICIAL}')
 def test_vs_official_runs_the_official_code(tmp_path):
     path = tmp_path / 'vs.json'
-    invoke(vs_official.main, [f'--official={OFFICIAL}', *TINY, '--batch-gpu=2', '--rounds=1', '--warmup=0', '--steps=1',
-                              f'--json={path}'])
+    output = invoke(vs_official.main, [f'--official={OFFICIAL}', *TINY, '--batch-gpu=2', '--rounds=1', '--warmup=0',
+                                       '--steps=1', '--profile', '--worker-timeout=600', f'--json={path}'])
     result = json.loads(path.read_text())
     assert set(result['rows']) == {'official', 'fp32'} and result['official_fallback_sizes'] == [8]
     assert result['rows']['official']['params'] == result['rows']['fp32']['params']  # the same network on both sides
+    assert result['complete'] and 'warm-up s (compile)' in output
+    for name, row in result['rows'].items():
+        assert row['errors'] == [] and set(row['peak_gb_per_size']) == set(row['warmup_sec_per_size']) == {'32', '16', '8'}
+        assert all(v > 0 for v in row['peak_gb_per_size'].values()) and all(v >= 0 for v in row['warmup_sec_per_size'].values())
+        assert row['peak_gb'] >= max(row['peak_gb_per_size'].values())
+        assert ('profile' in row) == (name == 'fp32')
+    assert result['rows']['official']['precision_flags']['matmul_allow_tf32'] is False
+    profile = result['rows']['fp32']['profile']
+    assert set(profile) == {'32', '16', '8'} and all('Self CPU' in p['table'] for p in profile.values())
 
 
 def test_bad_modes_option():
@@ -208,3 +220,118 @@ def test_latent_step_compares_pre_encoded_with_on_the_fly(tmp_path):
     assert (pre['path'], fly['path']) == ('pre-encoded', 'on-the-fly') and pre['time_vs_pre_encoded'] == 1
     assert fly['time_vs_pre_encoded'] == pytest.approx(fly['sec_per_step'] / pre['sec_per_step'])
     assert all(row['sec_per_step'] > 0 and row['images_per_sec'] > 0 for row in result['rows'])
+
+
+def test_vs_official_worker_that_fails_or_hangs_becomes_an_error(tmp_path):
+    env, cwd = dict(os.environ), str(tmp_path)
+    failed = vs_official.run_worker([sys.executable, '-c', 'import sys; sys.exit("boom")'], env, cwd, 'the x step')
+    assert failed['error'].startswith('the x step failed (exit 1)') and 'boom' in failed['error']
+    silent = vs_official.run_worker([sys.executable, '-c', 'print("no result")'], env, cwd, 'the y step')
+    assert 'failed (exit 0)' in silent['error']
+    done = vs_official.run_worker([sys.executable, '-c', 'print("RESULT {\\"a\\": 1}")'], env, cwd, 'the z step', timeout=60)
+    assert done == {'a': 1}
+    # A hanging worker and the process it started are killed together.
+    hang = ('import os, subprocess, sys, time\n'
+            'child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])\n'
+            f'open({str(tmp_path / "pid.tmp")!r}, "w").write(str(child.pid))\n'
+            f'os.replace({str(tmp_path / "pid.tmp")!r}, {str(tmp_path / "pid")!r})\n'
+            'time.sleep(120)\n')
+    hung = vs_official.run_worker([sys.executable, '-c', hang], env, cwd, 'the slow step', timeout=3)
+    assert hung == {'error': 'the slow step timed out after 3 s'}
+    if not (tmp_path / 'pid').exists():
+        pytest.skip('the worker was killed before it started its child (a loaded machine)')
+    pid = int((tmp_path / 'pid').read_text())
+    for _ in range(50):
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail('the hanging worker\'s child is still running')
+
+
+def test_vs_official_summary_keeps_the_rows_that_ran():
+    sizes, schedule, mul = [32, 16, 8], PatchSchedule(32, real_p=0.5), {32: 1, 16: 2, 8: 4}
+    ok = dict(sec_per_step={'32': 1.0, '16': 0.6, '8': 0.4}, warmup_sec={'32': 9.0, '16': 2.0, '8': 1.0},
+              peak_gb_per_size={'32': 3.0, '16': 2.0, '8': 1.0}, peak_gb=3.5, params=5)
+    fast = dict(ok, sec_per_step={'32': 0.5, '16': 0.3, '8': 0.2})
+    rounds = [{'official': ok, 'fp32': fast, 'bf16': {'error': 'the bf16 step timed out after 9 s'}},
+              {'official': ok, 'fp32': {'error': 'the fp32 step failed (exit 1):\nOOM'}}]
+    muls = {'official': mul, 'fp32': mul, 'bf16': mul}
+    rows = vs_official.summarize(rounds, ['official', 'fp32', 'bf16'], sizes, 16, schedule, muls)
+    assert rows['bf16'] == {'error': 'the bf16 step timed out after 9 s', 'errors': ['the bf16 step timed out after 9 s']}
+    assert rows['fp32']['speedup_at_p'] == pytest.approx(2.0) and rows['fp32']['errors'] == ['the fp32 step failed (exit 1):\nOOM']
+    assert rows['fp32']['warmup_sec_per_size'] == {32: 9.0, 16: 2.0, 8: 1.0}
+    assert rows['fp32']['peak_gb_per_size'] == {32: 3.0, 16: 2.0, 8: 1.0}
+    rounds = [{'official': {'error': 'the official step timed out after 9 s'}, 'fp32': fast}]
+    rows = vs_official.summarize(rounds, ['official', 'fp32'], sizes, 16, schedule, muls)
+    assert 'error' in rows['official'] and rows['fp32']['speedup_at_p'] is None and rows['fp32']['kimg_per_sec_at_p'] > 0
+
+
+@pytest.mark.parametrize('official_fails', [False, True])
+def test_vs_official_reports_failed_workers_and_exits_by_the_official(tmp_path, monkeypatch, official_fails):
+    (tmp_path / 'official' / 'training').mkdir(parents=True)
+    (tmp_path / 'official' / 'training' / 'patch_loss.py').write_text('')
+    calls = []
+
+    def fake_worker(command, env, cwd, what, timeout=None):
+        calls.append(what)
+        if 'fp32' in what or (official_fails and 'official' in what):
+            return dict(error=f'{what} timed out after {timeout:g} s')
+        return dict(sec_per_step={'32': 0.5, '16': 0.3, '8': 0.2}, warmup_sec={'32': 1, '16': 1, '8': 1},
+                    peak_gb_per_size={'32': 1, '16': 1, '8': 1}, peak_gb=1, params=5)
+
+    monkeypatch.setattr(vs_official, 'run_worker', fake_worker)
+    path = tmp_path / 'vs.json'
+    result = CliRunner().invoke(vs_official.main, [f'--official={tmp_path / "official"}', *TINY, '--rounds=2',
+                                                   '--ours=fp32,bf16', '--worker-timeout=7', f'--json={path}'])
+    rows = json.loads(path.read_text())['rows']
+    assert rows['fp32']['error'] == "this project's fp32 step timed out after 7 s" and 'FAILED' in result.output
+    assert sum('fp32' in c for c in calls) == 1  # not run again after it failed
+    assert rows['bf16']['sec_per_step'] == {'32': 0.5, '16': 0.3, '8': 0.2}
+    if official_fails:
+        assert result.exit_code == 1 and 'rows.official.error' in result.output and rows['bf16']['speedup_at_p'] is None
+    else:
+        assert result.exit_code == 0 and rows['bf16']['speedup_at_p'] == pytest.approx(1.0)
+
+
+EDM = os.path.join(os.path.dirname(OFFICIAL), 'edm')
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(EDM, 'generate.py')), reason=f'needs a checkout of NVlabs/edm in {EDM}')
+@pytest.mark.parametrize('preset', ['demo', 'cifar10-32'])  # unconditional, and class-conditional (labels drawn per seed)
+def test_sample_speed_against_edm_sampler_is_seed_exact(tmp_path, preset):
+    path = tmp_path / 'sample.json'
+    output = invoke(sample_speed.main, [f'--preset={preset}', '--device=cpu', '--cbase=8', '--steps=3', '--batch=2',
+                                        '--repeats=1', f'--edm={EDM}', f'--json={path}'])
+    result = json.loads(path.read_text())
+    row = result['batches'][0]
+    assert 'EDM img/s' in output and result['edm'] == EDM and result['complete']
+    assert row['edm_images_per_sec'] > 0 and row['ours_vs_edm'] == pytest.approx(row['edm_sec_per_batch_median']
+                                                                                  / row['sec_per_batch_median'])
+    assert row['max_abs_diff'] <= 1e-5 and row['uint8_pixels_differing'] == 0
+    assert set(result['precision_flags']) == {'cudnn_allow_tf32', 'matmul_allow_tf32', 'cudnn_benchmark'}
+
+
+def test_sample_speed_rejects_a_folder_without_edm_sampler(tmp_path):
+    (tmp_path / 'generate.py').write_text('def other_sampler():\n    pass\n')
+    result = CliRunner().invoke(sample_speed.main, TINY + [f'--edm={tmp_path}'])
+    assert result.exit_code == 2 and 'edm_sampler' in result.output
+
+
+def test_sample_speed_batch_that_fails_becomes_an_error_row():
+    def measure(batch):
+        raise RuntimeError('CUDA out of memory. Tried to allocate 80 GiB')
+    row = sample_speed.measure_or_error(128, measure, torch.device('cpu'))
+    assert row == {'batch': 128, 'error': 'RuntimeError: CUDA out of memory. Tried to allocate 80 GiB'}
+
+
+def test_sample_speed_edm_sampler_that_fails_costs_only_its_columns():
+    net = sample_speed.preset_network('demo', 8, torch.device('cpu'))
+
+    def broken_sampler(*args, **kwargs):
+        raise RuntimeError('out of memory')
+    row = sample_speed.measure_batch(net, 1, 2, 1, torch.device('cpu'), common.PeakMemory(torch.device('cpu')), broken_sampler)
+    assert row['edm_error'] == 'RuntimeError: out of memory' and row['images_per_sec'] > 0 and 'ours_vs_edm' not in row

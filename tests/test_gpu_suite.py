@@ -143,3 +143,14 @@ def test_bad_parts_and_missing_payoff_data_are_one_line_errors(tmp_path):
     if not torch.cuda.is_available():
         result = CliRunner().invoke(gpu_suite.cli, ['run', f'--out={tmp_path}'])
         assert result.exit_code == 1 and 'no CUDA device' in result.output
+
+
+def test_steps_past_the_deadline_are_cut_or_not_run(tmp_path):
+    suite = gpu_suite.Suite(str(tmp_path / 'out'), str(tmp_path / 'work'), dict(
+        smoke=True, commit='abc', date='today', environment=dict(device_name='cpu', torch='x', cuda=None), parts={}),
+        deadline=time.time() + gpu_suite.DEADLINE_RESERVE_S + 3)
+    start = time.time()
+    cut = suite.step('speed', 'long', [sys.executable, '-c', 'import time; time.sleep(120)'], cap=100)
+    assert cut['error'].startswith('timed out after') and time.time() - start < 20
+    skipped = suite.step('speed', 'next', [sys.executable, '-c', 'pass'], cap=100)
+    assert not skipped['ok'] and 'deadline' in skipped['error']

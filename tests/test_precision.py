@@ -308,3 +308,56 @@ def _error_line(tmp_path, *args: str, env: Optional[Dict[str, str]] = None) -> s
 def test_error_bad_speed_options(data, tmp_path, args, env, words):
     error = _error_line(tmp_path, f'--data={data}', *h.TINY, *args, env=dict(h.subprocess_env(), **env))
     assert all(word in error for word in words), error
+
+
+class _LoopReached(Exception):
+    """Raised by a stand-in to stop training_loop() where it switches to deterministic kernels."""
+
+
+def test_deterministic_flag_reaches_the_loop(data, tmp_path, monkeypatch):
+    import json
+    from training import training_loop as loop
+    proc = h.run_train(f'--outdir={tmp_path}/runs', f'--data={data}', *h.TINY, '--deterministic', '--dry-run', timeout=120)
+    assert proc.returncode == 0 and 'Dry run; exiting.' in proc.stdout, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout[proc.stdout.index('{'):proc.stdout.rindex('}') + 1])
+    assert printed['deterministic'] is True and printed['training_options']['deterministic'] is True
+    assert build_config(preset_options(None), 'x', RES, 1).deterministic is False
+    assert build_config(preset_options(None, deterministic=True), 'x', RES, 1).deterministic is True
+
+    # training_loop(deterministic=True) switches kernels before it touches data or the network.
+    def reached(device: torch.device) -> None:
+        raise _LoopReached(device)
+    monkeypatch.setattr(loop, 'use_deterministic_algorithms', reached)
+    kwargs = dict(run_dir=str(tmp_path), dataset_kwargs={}, data_loader_kwargs={}, network_kwargs={}, loss_kwargs={},
+                  optimizer_kwargs={}, device=torch.device('cpu'))
+    with pytest.raises(_LoopReached):
+        loop.training_loop(deterministic=True, **kwargs)
+    with pytest.raises(Exception) as failure:  # without the flag it goes on, until the empty dataset_kwargs fail
+        loop.training_loop(**kwargs)
+    assert not isinstance(failure.value, _LoopReached)
+    monkeypatch.undo()
+
+    # What it switches: restored afterwards, as it is global to the process.
+    cuda = torch.backends.cuda
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    saved_sdpa = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.cudnn_sdp_enabled())
+    monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)
+    try:
+        cuda.enable_flash_sdp(True)
+        loop.use_deterministic_algorithms(torch.device('cpu'))
+        assert 'CUBLAS_WORKSPACE_CONFIG' not in os.environ and cuda.flash_sdp_enabled()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        loop.use_deterministic_algorithms(torch.device('cuda'))  # sets flags and the environment only: no GPU needed
+        assert os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'
+        assert not (cuda.flash_sdp_enabled() or cuda.mem_efficient_sdp_enabled() or cuda.cudnn_sdp_enabled())
+        assert cuda.math_sdp_enabled()
+        monkeypatch.setenv('CUBLAS_WORKSPACE_CONFIG', ':16:8')
+        loop.use_deterministic_algorithms(torch.device('cuda'))
+        assert os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':16:8'  # a user's own setting stays
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+        for enable, value in zip((cuda.enable_flash_sdp, cuda.enable_mem_efficient_sdp, cuda.enable_cudnn_sdp), saved_sdpa):
+            enable(value)

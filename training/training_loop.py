@@ -25,6 +25,7 @@ from training.sampler import generate_images
 
 AUTOCAST_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # training precision -> autocast dtype
 LOSS_NORMS = ('image', 'pixel')  # a step's loss: summed over pixels per image, or that times (R/s)^2 (see optimizer_step)
+CUBLAS_WORKSPACE_CONFIG = ':4096:8'  # a fixed cuBLAS workspace, which deterministic cuBLAS results need (CUDA >= 10.2)
 
 
 def split_batch(batch_size: int, batch_gpu: Optional[int], world_size: int) -> Tuple[int, int]:
@@ -243,6 +244,22 @@ def optimizer_step(ddp: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_
         scaler.update()
 
 
+def use_deterministic_algorithms(device: torch.device) -> None:
+    """Make this process pick deterministic kernels from now on: no cuDNN benchmarking and no atomics-based algorithms."""
+    # cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, at its first call: train.py sets it before anything runs on the GPU;
+    # here it only covers callers of training_loop() that have not used cuBLAS yet. warn_only: ops without a
+    # deterministic version warn rather than stop the run. Under warn_only, flash and memory-efficient attention keep
+    # their non-deterministic backward passes (they only warn), so attention on CUDA takes the math kernel.
+    if device.type == 'cuda':
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_WORKSPACE_CONFIG)
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def ramped_lr(base_lr: float, cur_nimg: int, rampup_kimg: float) -> float:
     """The learning rate after `cur_nimg` training images: linear ramp-up over `rampup_kimg`, as in EDM."""
     return base_lr * min(cur_nimg / max(rampup_kimg * 1000, 1e-8), 1)
@@ -285,6 +302,7 @@ def training_loop(
     transfer: Optional[str] = None,
     cudnn_benchmark: bool = True,
     tf32: bool = False,
+    deterministic: bool = False,              # use_deterministic_algorithms(); overrides cudnn_benchmark
     device: torch.device = torch.device('cpu'),
     preview: Optional[dict] = None,           # sampler options for a PNG grid at every snapshot; None for none
     phema_sigma_rels: Optional[Sequence[float]] = None,  # post-hoc EMA profiles to keep (training/phema.py); None for none
@@ -305,6 +323,8 @@ def training_loop(
         torch.backends.cudnn.benchmark = cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
+    if deterministic:
+        use_deterministic_algorithms(device)
 
     state = snapshot.load_state(resume_state) if resume_state else None
     if state is not None:
