@@ -223,3 +223,28 @@ def test_latent_presets():
         for size in PatchSchedule(32, latent=True).sizes:  # 32x32 latents of 256x256 images
             check_patch_size(c.network_kwargs.channel_mult, size)
     assert sampling_preset('imagenet256-latent') == {'cfg': 1.3} and sampling_preset('lsun256-latent') == {}
+
+
+def dry_run_loss_norm(preset: str, data: str, tmp_path, *args: str) -> str:
+    """The loss normalisation train.py --dry-run resolves for a preset, read from the options it prints."""
+    proc = h.run_train(f'--preset={preset}', f'--data={data}', f'--outdir={tmp_path}/runs', '--device=cpu', '--dry-run', *args,
+                       timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    options = json.loads(proc.stdout[:proc.stdout.rindex('}') + 1])
+    assert options['training_options']['loss_norm'] == options['loss_norm']
+    return options['loss_norm']
+
+
+@pytest.mark.slow
+def test_paper_presets_pin_the_papers_loss_normalisation(files, tmp_path):
+    # The paper's FIDs were obtained with the official code's per-image sum ('image'); the CLI default is 'pixel'.
+    images64 = h.make_dataset(str(tmp_path / 'shapes-64x64.zip'), resolution=64, num=4)
+    images128, latents32 = h.make_dataset(str(tmp_path / 'shapes-128x128.zip'), resolution=128, num=2), str(tmp_path / 'l.zip')
+    encode(images128, latents32, files['vae'], '--xflip=True')  # 32x32 latents (the tiny VAE downsamples 4x), as the presets need
+    paper = {'celeba64': images64, 'ffhq64': images64, 'afhqv2-64': images64,
+             'lsun256-latent': latents32, 'imagenet256-latent': latents32}
+    for preset, data in paper.items():
+        assert dry_run_loss_norm(preset, data, tmp_path) == 'image', preset
+    assert dry_run_loss_norm('celeba64', images64, tmp_path, '--loss-norm=pixel') == 'pixel'  # the command line wins
+    assert dry_run_loss_norm('cifar10-32', h.make_dataset(str(tmp_path / 'shapes-32x32.zip'), resolution=32, num=4),
+                             tmp_path) == 'pixel'  # EDM's settings, not the paper's: the project's default
