@@ -320,7 +320,8 @@ def speed_md(part: Dict[str, Any]) -> List[str]:
         lines += [f'vs_official: {vs.get("skipped") or "no result"}', '']
     ss = part.get('sample_speed') or {}
     if ss.get('batches'):
-        lines += ['Sampling, 50 Heun steps (`bench/sample_speed.py`):', '']
+        lines += [f'Sampling, {ss.get("steps")} Heun steps, network {ss.get("preset") or ss.get("network")} '
+                  f'(`bench/sample_speed.py`):', '']
         lines += md_table(['batch', 'ours img/s', 'EDM edm_sampler img/s', 'ours / EDM', 'max abs(ours - EDM)',
                            'uint8 values differing', 'peak GiB'],
                           [[b['batch'], b.get('images_per_sec'), b.get('edm_images_per_sec'), b.get('ours_vs_edm'),

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -40,7 +41,9 @@ def test_smoke_runs_every_part_end_to_end_and_score_adds_fid(tmp_path):
 
     tests = {t['name']: t for t in record['parts']['correctness']['tests']}
     assert len(tests) >= 4 and not [t for t in tests.values() if t['outcome'] in ('failed', 'error')]
-    assert sum(t['outcome'] == 'passed' for t in tests.values()) >= 3, tests
+    # On the CPU the fp16 and compile tests skip (CUDA-only, minutes to compile); the other two must really run.
+    assert tests['test_torchrun_bf16_deterministic_resume_is_bit_identical']['outcome'] == 'passed'
+    assert tests['test_generate_on_device_matches_cpu_and_paints']['outcome'] == 'passed'
 
     speed = record['parts']['speed']
     assert speed['sample_speed']['batches'][0]['images_per_sec'] > 0
@@ -59,6 +62,8 @@ def test_smoke_runs_every_part_end_to_end_and_score_adds_fid(tmp_path):
         with np.load(out / result['samples']) as npz:
             samples = npz['samples']
         assert samples.dtype == np.uint8 and samples.shape == (8, 32, 32, 3)
+    with tarfile.open(out / 'gpu_suite-logs.tgz') as tar:
+        assert {'correctness-pytest.log', 'speed-data_wait.log', 'payoff-ablation.log'} <= set(tar.getnames())
     markdown = (out / 'gpu_suite.md').read_text()
     for heading in ('## 1. Correctness', '## 2. Speed', '## 3. Payoff'):
         assert heading in markdown
