@@ -398,9 +398,12 @@ def demo(network_path: str, num: int, heldout: int, num_steps: int, fid_data: Op
     images = torch.cat(list(network_batches(net, list(range(num)), batch_size, torch_device, num_steps=num_steps))).cpu()
     coherence = demo_shapes.coherence_score(images)
     loss = heldout_loss(net, demo_shapes.heldout_images(heldout, net.img_resolution))
+    shares = demo_shapes.colour_shares(images)
     click.echo(f'coherence_score {coherence:.4f}  (1.0 = every sample symmetric and one-coloured)')
+    click.echo('colour_shares ' + ', '.join(f'{name} {share:.2f}' for name, share in shares.items())
+               + '  (real data: 1/3 each, none blank)')
     click.echo(f'heldout_loss {loss["mean"]:.4f}  (' + ', '.join(f'{k} {v:.3f}' for k, v in loss.items() if k != 'mean') + ')')
-    record = dict(coherence=coherence, heldout_loss=loss, num=num, steps=num_steps, network=network_path)
+    record = dict(coherence=coherence, colour_shares=shares, heldout_loss=loss, num=num, steps=num_steps, network=network_path)
     if fid_data is not None:
         distributed.print0(f'Computing Inception features of {num} samples and {num} images of {fid_data}...')
         ref_stats = cached_reference(fid_data, num, detector, detector_name, torch_device, batch_size)

@@ -88,7 +88,7 @@ def test_ablation_trains_scores_and_reports(tmp_path):
             assert run['curve'][-1]['seconds'] <= 20 + 30  # budget plus start-up and the final state
             assert all(point['heldout_loss'] > 0 for point in run['curve']) and 0 <= run['coherence'] <= 1
             assert os.path.isfile(os.path.join(run['dir'], ablation.MARKER))
-        assert PIL.Image.open(arm['grid']).size == (256, 256)  # 2x2 samples of 32 pixels, enlarged 4x
+        assert PIL.Image.open(arm['grid']).size == (262, 262)  # 2x2 samples of 32 pixels, enlarged 4x, 2-pixel borders
     runs = [run for arm in arms.values() for run in arm['runs']]
     assert study['common_kimg'] == min(run['kimg'] for run in runs)
     inside = [run for run in runs if run['curve'][0]['kimg'] < study['common_kimg'] < run['curve'][-1]['kimg']]

@@ -76,3 +76,18 @@ def test_dataset_tool_cli_builds_demo_set(tmp_path):
     image, label = demo_shapes.make_image(7, 16, seed=2)
     np.testing.assert_array_equal(ds[7][0], image.transpose(2, 0, 1))
     assert ds[7][1].argmax() == label
+
+
+def test_colours_name_each_images_label():
+    # The generator's labels are the independent truth: red, green and blue shapes, and blank images as 'none'.
+    pairs = [demo_shapes.make_image(i) for i in range(300)]
+    images = np.stack([image for image, _ in pairs]).transpose(0, 3, 1, 2)
+    labels = np.array([label for _, label in pairs])
+    np.testing.assert_array_equal(demo_shapes.colours(images), labels)
+    blank = np.zeros([2, 3, 32, 32], np.uint8)
+    dim = np.full([1, 3, 32, 32], demo_shapes.FOREGROUND_THRESHOLD, np.uint8)  # grey at the threshold is still background
+    shares = demo_shapes.colour_shares(np.concatenate([images[:6], blank, dim]))
+    expected = {name: float((labels[:6] == k).sum() / 9) for k, name in enumerate(demo_shapes.COLOUR_NAMES)}
+    assert shares == pytest.approx(dict(expected, none=3 / 9))
+    darker = images[:6] // 2 + images[:6] // 4  # 191 of 255: still above the threshold, still its colour
+    np.testing.assert_array_equal(demo_shapes.colours(darker), labels[:6])

@@ -277,4 +277,8 @@ def test_demo_scores_a_snapshot_without_a_detector(files, tmp_path):
     record = json.loads((tmp_path / 'r.jsonl').read_text())
     assert record['coherence'] == pytest.approx(float(lines['coherence_score']), abs=1e-4) and record['num'] == 4
     assert set(record['heldout_loss']) == {'sigma=0.05', 'sigma=0.2', 'sigma=0.5', 'sigma=1', 'sigma=2', 'sigma=5', 'mean'}
-    assert PIL.Image.open(tmp_path / "grid.png").size == (256, 256)  # 2x2 samples of 16x16, each shown 128 px wide
+    shares = record['colour_shares']
+    assert set(shares) == {'red', 'green', 'blue', 'none'} and sum(shares.values()) == pytest.approx(1)
+    assert all(share * 4 == round(share * 4) for share in shares.values())  # shares of 4 samples
+    assert next(line for line in result.stdout.splitlines() if line.startswith('colour_shares')).count('0.') >= 1
+    assert PIL.Image.open(tmp_path / "grid.png").size == (262, 262)  # 2x2 samples of 16x16, each shown 128 px wide, 2-pixel borders

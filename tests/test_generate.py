@@ -72,7 +72,7 @@ def test_grid_and_subdirs(snapshot, tmp_path):
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(tmp_path / 'out')) == ['000000', '001000']
     assert sorted(os.listdir(tmp_path / 'out' / '001000')) == ['001000.png', '001001.png']
-    assert PIL.Image.open(tmp_path / 'grid.png').size == (256, 256)  # 4 images of 16x16, 2 per row, each shown 128 px wide
+    assert PIL.Image.open(tmp_path / 'grid.png').size == (262, 262)  # 4 images of 16x16, 2 per row, each shown 128 px wide, 2-pixel borders
 
 
 @pytest.mark.parametrize('make, message', [
@@ -165,15 +165,21 @@ def test_grid_enlarges_small_samples_by_whole_nearest_factors(tmp_path):
     images = torch.randint(0, 256, [3, 3, 24, 24], dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     save_image_grid(images, str(tmp_path / 'grid.png'), cols=2)  # 128 / 24 rounds up to a factor of 6
     grid = np.asarray(PIL.Image.open(tmp_path / 'grid.png'))
-    assert grid.shape == (2 * 24 * 6, 2 * 24 * 6, 3)
+    assert grid.shape == (2 * 144 + 3 * 2, 2 * 144 + 3 * 2, 3)  # two 144-pixel cells and three 2-pixel borders a side
+    starts = [2, 2 + 144 + 2]
     for i, image in enumerate(images):
         r, c = divmod(i, 2)
-        tile = grid[r * 144:(r + 1) * 144, c * 144:(c + 1) * 144]
+        tile = grid[starts[r]:starts[r] + 144, starts[c]:starts[c] + 144]
         expected = image.permute(1, 2, 0).numpy().repeat(6, axis=0).repeat(6, axis=1)  # every pixel a 6x6 block
         np.testing.assert_array_equal(tile, expected)
-    assert (grid[144:, 144:] == 0).all()  # the empty fourth cell stays black
+    cells = np.zeros(grid.shape[:2], bool)
+    for top in starts:
+        for left in starts:
+            cells[top:top + 144, left:left + 144] = True
+    assert (grid[~cells] == 128).all()  # everything outside the cells is the grey border
+    assert (grid[starts[1]:starts[1] + 144, starts[1]:starts[1] + 144] == 0).all()  # the empty fourth cell stays black
     save_image_grid(images, str(tmp_path / 'large.png'), cols=3, min_tile=16)  # already wide enough: 1:1
-    assert PIL.Image.open(tmp_path / 'large.png').size == (72, 24)
+    assert PIL.Image.open(tmp_path / 'large.png').size == (3 * 24 + 4 * 2, 24 + 2 * 2)
 
 
 def test_class_and_guidance_reach_the_sampler(snapshot, tmp_path):

@@ -9,7 +9,7 @@ Image i depends only on (seed, i), so any prefix of the set is the same.
 """
 
 import colorsys
-from typing import Iterator, Tuple
+from typing import Dict, Iterator, Tuple
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ import torch
 from training.images import to_float
 
 NUM_CLASSES = 3              # colours, evenly spaced in hue: red, green, blue
+COLOUR_NAMES = ('red', 'green', 'blue')  # label order
 FOREGROUND_THRESHOLD = 96    # uint8 level above which a pixel counts as part of a shape (background is 0)
 COLOUR_TOLERANCE = 0.25      # max deviation of a pixel's chromaticity from the image's median colour
 SHAPE_RADIUS = (0.18, 0.28)  # range of a shape's radius (half its width), in units of the image side
@@ -87,3 +88,21 @@ def coherence_scores(images) -> np.ndarray:
 def coherence_score(images) -> float:
     """Mean coherence of uint8 [N, 3, H, W] images: about 1.0 for demo-set images, low when parts disagree."""
     return float(coherence_scores(images).mean())
+
+
+def colours(images) -> np.ndarray:
+    """Per-image colour label (0 red, 1 green, 2 blue) of the channel that dominates its shape pixels; -1 when blank."""
+    images = _as_nchw_uint8(images)
+    labels = np.full(len(images), -1)
+    for i, image in enumerate(images.astype(np.int64)):
+        fg = image.max(axis=0) > FOREGROUND_THRESHOLD
+        if fg.any():
+            labels[i] = int(image[:, fg].sum(axis=1).argmax())
+    return labels
+
+
+def colour_shares(images) -> Dict[str, float]:
+    """Share of images whose shapes are mostly red, green and blue, and of blank ones ('none'); real data give 1/3 each."""
+    labels = colours(images)
+    shares = {name: float((labels == k).mean()) for k, name in enumerate(COLOUR_NAMES)}
+    return dict(shares, none=float((labels == -1).mean()))

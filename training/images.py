@@ -30,15 +30,23 @@ def save_png(image: PIL.Image.Image, path: str) -> None:
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
-def image_grid(images: torch.Tensor, cols: Optional[int] = None) -> PIL.Image.Image:
-    """Tile uint8 [N, C, H, W] images into one picture, `cols` per row (default: about square)."""
+GRID_BORDER = 2        # pixels of grey around each cell of a grid, so that samples on black backgrounds stay apart
+GRID_BORDER_LEVEL = 128
+
+
+def image_grid(images: torch.Tensor, cols: Optional[int] = None, scale: int = 1, border: int = GRID_BORDER) -> PIL.Image.Image:
+    """Tile uint8 [N, C, H, W] images, each enlarged `scale` times by nearest neighbour, into one picture, `cols` per
+    row (default: about square), with `border` grey pixels around and between the cells; empty cells stay black."""
     n, c, h, w = images.shape
+    h, w = h * scale, w * scale
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    canvas = torch.zeros([c, rows * h, cols * w], dtype=torch.uint8)
-    for i, image in enumerate(images.cpu()):
+    canvas = torch.full([c, rows * h + (rows + 1) * border, cols * w + (cols + 1) * border], GRID_BORDER_LEVEL, dtype=torch.uint8)
+    for i in range(rows * cols):
         r, k = divmod(i, cols)
-        canvas[:, r * h:(r + 1) * h, k * w:(k + 1) * w] = image
+        top, left = border + r * (h + border), border + k * (w + border)
+        image = images[i].cpu().repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2) if i < n else 0
+        canvas[:, top:top + h, left:left + w] = image
     return to_pil(canvas)
 
 
@@ -46,9 +54,8 @@ def save_image_grid(images: torch.Tensor, path: str, cols: Optional[int] = None,
     """Write uint8 [N, C, H, W] images as one PNG grid (atomically), each enlarged to at least min_tile pixels wide."""
     # Nearest-neighbour by a whole factor: a 32x32 sample shown 1:1 is too small to judge, and every pixel stays exact.
     scale = max(1, math.ceil(min_tile / images.shape[-1]))
-    grid = image_grid(images, cols)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_png(grid.resize((grid.width * scale, grid.height * scale), PIL.Image.NEAREST) if scale > 1 else grid, path)
+    save_png(image_grid(images, cols, scale), path)
 
 
 def load_image(path: str, channels: int) -> torch.Tensor:
