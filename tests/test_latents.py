@@ -84,7 +84,7 @@ def test_encode_store_load_train_generate_decode(files, tmp_path):
     run_dir = h.only_run_dir(str(tmp_path / 'runs'))
     assert 'patch0.5-latent' in run_dir
     with PIL.Image.open(os.path.join(run_dir, 'preview-000000.png')) as preview:
-        assert preview.size == (8 * 128, 8 * 128)  # 64 decoded 32x32 images, each shown 128 px wide
+        assert preview.size == (8 * 128 + 9 * 2, 8 * 128 + 9 * 2)  # 64 decoded 32x32 images, each shown 128 px wide, 2-pixel borders
 
     grid = tmp_path / 'grid.png'
     proc = subprocess.run([h.PYTHON, os.path.join(h.REPO, 'generate.py'), f'--network={run_dir}', '--seeds=0-5',
@@ -94,7 +94,7 @@ def test_encode_store_load_train_generate_decode(files, tmp_path):
     with PIL.Image.open(tmp_path / 'png' / '000005.png') as image:
         assert image.size == (RES, RES) and image.mode == 'RGB'
     with PIL.Image.open(grid) as image:
-        assert image.size == (3 * 128, 2 * 128)  # 6 decoded 32x32 images, 3 per row, each shown 128 px wide
+        assert image.size == (3 * 128 + 4 * 2, 2 * 128 + 3 * 2)  # 6 decoded 32x32 images, 3 per row, each shown 128 px wide, 2-pixel borders
 
     # fid.py scores the decoded samples, with the ImageNet preset's guidance; a VAE that is not there is a clear error.
     import fid

@@ -156,7 +156,11 @@ def test_this_projects_pickles_from_before_the_change_still_load():
     loaded = load_network(os.path.join(DATA, 'own-format-1-7b00973.pkl'))
     expected = torch.load(os.path.join(DATA, 'own-format-1-7b00973-io.pt'))
     got = loaded(expected['x'], expected['sigma'], expected['x_pos'], expected['class_labels'])
-    assert torch.equal(got, expected['out'])
+    # The stored output was computed on another CPU, whose SIMD width and threads sum the 35 convolutions, 24 group
+    # norms and the attention in another order. This output's float32 rounding error (against a float64 evaluation)
+    # is 3.4e-7 at values of up to 2.4, and two CPUs' outputs differ by 4e-7 at most; 5e-6 leaves a factor of 12. A
+    # loading fault is far above it: scaling any one weight tensor by 1 + 1e-3 moves the output by 1.4e-5 or more.
+    torch.testing.assert_close(got, expected['out'], rtol=0, atol=5e-6)
     assert type(loaded).__module__ == 'training.networks' and loaded.label_dim == 2
 
 

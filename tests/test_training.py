@@ -162,7 +162,7 @@ def test_architectures_train_and_snapshots_load_in_fresh_process(data, tmp_path,
                                '--seeds=0-3', '--steps=3', '--device=cpu', f'--grid={grid}'], cwd=str(tmp_path),
                               env=h.subprocess_env(), capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert PIL.Image.open(grid).size == (2 * 128, 2 * 128)  # 2x2 samples, each shown 128 px wide
+        assert PIL.Image.open(grid).size == (2 * 128 + 3 * 2, 2 * 128 + 3 * 2)  # 2x2 samples, each shown 128 px wide, 2-pixel borders
 
 
 #----------------------------------------------------------------------------
