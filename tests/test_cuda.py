@@ -16,9 +16,7 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-import time
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import PIL.Image
@@ -29,7 +27,6 @@ from torch._dynamo.utils import counters
 
 import dnnlib
 import generate
-from training.loss import PatchEDMLoss
 from training.networks import EDMPrecond
 from training.patch import PatchSchedule, coordinate_grid
 from training.snapshot import load_network, save_network_snapshot
@@ -91,24 +88,9 @@ def torchrun_cmd(*args: str) -> List[str]:
 
 
 def run_parallel(*cmds: List[str], timeout: float = TIMEOUT) -> List[subprocess.CompletedProcess]:
-    """Run the commands at the same time and wait for all; a failed one fails the test with its output."""
-    procs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, cmd in enumerate(cmds):
-            out = open(os.path.join(tmp, f'{i}.out'), 'w+')
-            procs.append((subprocess.Popen(cmd, cwd=h.REPO, env=h.subprocess_env(), stdout=out, stderr=subprocess.STDOUT), out))
-        deadline = time.time() + timeout
-        results = []
-        for proc, out in procs:
-            try:
-                proc.wait(timeout=max(deadline - time.time(), 1))
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            out.seek(0)
-            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), ''))
-            out.close()
+    """training_helpers.run_parallel; a failed command fails the test with its output (stdout then stderr, in .stdout)."""
+    results = [subprocess.CompletedProcess(r.args, r.returncode, r.stdout + r.stderr, '')
+               for r in h.run_parallel(*cmds, timeout=timeout)]
     for result in results:
         assert result.returncode == 0 and 'Traceback' not in result.stdout, \
             f'{" ".join(result.args)}\nexit code {result.returncode}\n{result.stdout[-4000:]}'
@@ -291,19 +273,6 @@ def test_generate_on_device_matches_cpu_and_paints(device, snapshot, tmp_path):
 #----------------------------------------------------------------------------
 # 4. torch.compile at every patch size.
 
-class RecordingLoss:
-    """PatchEDMLoss that keeps the mean loss of every call."""
-
-    def __init__(self):
-        self.losses: List[float] = []
-        self._loss = PatchEDMLoss()
-
-    def __call__(self, net: Callable, images: torch.Tensor, patch_size: int, **kwargs) -> torch.Tensor:
-        loss = self._loss(net, images, patch_size, **kwargs)
-        self.losses.append(float(loss.detach().double().mean()))
-        return loss
-
-
 def test_compile_matches_eager_at_every_patch_size(device):
     if device == 'cpu':
         pytest.skip('compiling on the CPU takes minutes (tests/test_precision.py compiles one size there, as a slow test)')
@@ -324,7 +293,7 @@ def test_compile_matches_eager_at_every_patch_size(device):
         compiled.load_state_dict(eager.state_dict())
         results = []
         for net in (eager, compiled):
-            loss_fn = RecordingLoss()
+            loss_fn = h.RecordingLoss()
             optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, fused=True)
             torch.manual_seed(4)  # the same crops, noise levels and noise for both
             with full_float32():  # as train.py trains without --tf32

@@ -10,7 +10,7 @@
 import copy
 import os
 import subprocess
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import pytest
 import torch
@@ -19,7 +19,6 @@ from torch._dynamo.utils import counters
 import dnnlib
 from multiproc import run_in_children, run_ranks
 from train import build_config, find_cxx, preset_options
-from training.loss import PatchEDMLoss
 from training.patch import PatchSchedule
 from training.snapshot import load_network
 from training.training_loop import _match_param_layouts, compile_network, optimizer_step
@@ -46,19 +45,6 @@ def fused_adam(net: torch.nn.Module, lr: float = 1e-2) -> torch.optim.Optimizer:
     return torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
-class RecordingLoss:
-    """PatchEDMLoss that keeps the mean loss of every call."""
-
-    def __init__(self):
-        self.losses: List[float] = []
-        self._loss = PatchEDMLoss()
-
-    def __call__(self, net: Callable, images: torch.Tensor, patch_size: int, **kwargs) -> torch.Tensor:
-        loss = self._loss(net, images, patch_size, **kwargs)
-        self.losses.append(float(loss.detach().double().mean()))
-        return loss
-
-
 def fixed_rounds(num: int = 32, seed: int = 1) -> Callable:
     """next_round(multiplier) of optimizer_step(): always the same first 8 * multiplier of `num` random images."""
     images = torch.rand([num, 3, RES, RES], generator=torch.Generator().manual_seed(seed)) * 2 - 1
@@ -83,7 +69,7 @@ def test_bf16_step_trains_and_keeps_float32_state(use_bf16):
     optimizer = fused_adam(net)
     output_dtypes = []
     net.model.register_forward_hook(lambda _module, _inputs, output: output_dtypes.append(output.dtype))
-    loss_fn, next_round = RecordingLoss(), fixed_rounds()
+    loss_fn, next_round = h.RecordingLoss(), fixed_rounds()
     for _ in range(8):
         torch.manual_seed(2)  # the same crops, noise levels and noise every step: only the weights change
         optimizer_step(net, optimizer, loss_fn, next_round, 8, 2, 1, 1e-2, autocast_dtype=torch.bfloat16)
@@ -99,7 +85,7 @@ def test_bf16_step_trains_and_keeps_float32_state(use_bf16):
     assert all(v.dtype == torch.float32 for s in states for v in s.values())
 
     # The first loss (before any update) is the float32 loss up to bfloat16 rounding.
-    fp32_loss = RecordingLoss()
+    fp32_loss = h.RecordingLoss()
     torch.manual_seed(2)
     optimizer_step(reference, fused_adam(reference), fp32_loss, next_round, 8, 2, 1, 1e-2)
     assert loss_fn.losses[0] == pytest.approx(fp32_loss.losses[0], rel=0.05)
@@ -191,7 +177,7 @@ def test_compile_once_per_patch_size():
     counters.clear()
     net = tiny_net().to(memory_format=torch.channels_last)
     compile_network(net, dict(dynamic=False, backend='eager'))
-    optimizer, loss_fn, next_round = fused_adam(net), RecordingLoss(), fixed_rounds()
+    optimizer, loss_fn, next_round = fused_adam(net), h.RecordingLoss(), fixed_rounds()
     schedule = PatchSchedule(RES, real_p=0.5)
     for size in [16, 8, 4, 16, 8, 4, 4]:
         optimizer_step(net, optimizer, loss_fn, next_round, size, schedule.batch_multiplier(size), 1, 1e-3,
@@ -213,7 +199,7 @@ def test_compile_matches_eager_for_one_step():
     compile_network(compiled, dict(dynamic=False))
     results = []
     for net in (eager, compiled):
-        loss_fn = RecordingLoss()
+        loss_fn = h.RecordingLoss()
         torch.manual_seed(4)
         optimizer_step(net, fused_adam(net), loss_fn, fixed_rounds(), 8, 2, 1, 1e-3)
         results.append((loss_fn.losses[0], {n: p.grad for n, p in net.named_parameters()}))

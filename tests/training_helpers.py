@@ -46,18 +46,17 @@ def run_train(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def run_train_parallel(*arg_lists: List[str], timeout: float = 240) -> List[subprocess.CompletedProcess]:
-    """Run several train.py commands at the same time (each child uses one thread) and wait for all."""
+def run_parallel(*commands: List[str], timeout: float = 240) -> List[subprocess.CompletedProcess]:
+    """Run several commands at the same time (each child uses one thread) and wait for all; output captured as text."""
     import tempfile
     procs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, args in enumerate(arg_lists):
+        for i, command in enumerate(commands):
             out, err = open(os.path.join(tmp, f'{i}.out'), 'w+'), open(os.path.join(tmp, f'{i}.err'), 'w+')
-            procs.append((subprocess.Popen(train_cmd(*args), cwd=REPO, env=subprocess_env(), stdout=out, stderr=err),
-                          args, out, err))
+            procs.append((subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=out, stderr=err), out, err))
         deadline = time.time() + timeout
         results = []
-        for proc, args, out, err in procs:
+        for proc, out, err in procs:
             try:
                 proc.wait(timeout=max(deadline - time.time(), 1))
             finally:
@@ -70,6 +69,24 @@ def run_train_parallel(*arg_lists: List[str], timeout: float = 240) -> List[subp
             out.close()
             err.close()
     return results
+
+
+def run_train_parallel(*arg_lists: List[str], timeout: float = 240) -> List[subprocess.CompletedProcess]:
+    """Run several train.py commands at the same time (each child uses one thread) and wait for all."""
+    return run_parallel(*(train_cmd(*args) for args in arg_lists), timeout=timeout)
+
+
+class RecordingLoss:
+    """PatchEDMLoss that keeps the mean loss of every call."""
+
+    def __init__(self):
+        self.losses: List[float] = []
+        self._loss = PatchEDMLoss()
+
+    def __call__(self, net: Any, images: torch.Tensor, patch_size: int, **kwargs: Any) -> torch.Tensor:
+        loss = self._loss(net, images, patch_size, **kwargs)
+        self.losses.append(float(loss.detach().double().mean()))
+        return loss
 
 
 def make_dataset(dest: str, resolution: int = 16, num: int = 64) -> str:
