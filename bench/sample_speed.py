@@ -43,7 +43,7 @@ from bench.check_references import git_commit
 from torch_utils.distributed import choose_device
 from train import build_config, preset_options
 from training.patch import coordinate_grid
-from training.sampler import StackedRandomGenerator, generate_images, to_uint8
+from training.sampler import generate_images, to_uint8
 from training.snapshot import SnapshotError, load_network
 
 
@@ -101,25 +101,6 @@ class EDMInterface(torch.nn.Module):
         return self.net(x, sigma, x_pos=x_pos, class_labels=class_labels)
 
 
-def seeded_inputs(net: torch.nn.Module, seeds: List[int], device: torch.device
-                  ) -> Tuple[StackedRandomGenerator, torch.Tensor, Optional[torch.Tensor]]:
-    """(generator, latents, class labels) drawn per seed in the order generate_images draws them."""
-    rnd = StackedRandomGenerator(device, seeds)
-    latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
-    labels = None
-    if net.label_dim:
-        labels = torch.nn.functional.one_hot(rnd.randint(net.label_dim, size=[len(seeds)]), net.label_dim).to(torch.float32)
-    return rnd, latents, labels
-
-
-def edm_generate(edm_sampler: Callable, adapter: EDMInterface, seeds: List[int], device: torch.device,
-                 num_steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 images, float64 samples) of EDM's sampler from the seeds, as generate_images makes them with ours."""
-    rnd, latents, labels = seeded_inputs(adapter, seeds, device)
-    samples = edm_sampler(adapter, latents, labels, randn_like=rnd.randn_like, num_steps=num_steps)
-    return to_uint8(samples), samples
-
-
 def measure_batch(net: torch.nn.Module, batch: int, steps: int, repeats: int, device: torch.device,
                   memory: common.PeakMemory, edm_sampler: Optional[Callable] = None) -> Dict[str, Any]:
     """Timings and peak memory of generating one batch `repeats` times after a short warm-up, with this project's
@@ -136,8 +117,12 @@ def measure_batch(net: torch.nn.Module, batch: int, steps: int, repeats: int, de
     def run_ours() -> None:
         ours['images'] = generate_images(net, seeds, device, num_steps=steps, decoder=keep)
 
-    def generate_edm(num_steps: int) -> None:
-        edm['images'], edm['samples'] = edm_generate(edm_sampler, adapter, seeds, device, num_steps)
+    def keep_edm(samples: torch.Tensor) -> torch.Tensor:
+        edm['samples'] = samples
+        return to_uint8(samples)
+
+    def generate_edm(num_steps: int) -> None:  # the same per-seed latents, labels and noise as ours
+        edm['images'] = generate_images(adapter, seeds, device, sampler=edm_sampler, num_steps=num_steps, decoder=keep_edm)
 
     def run_edm(num_steps: int, record: bool) -> None:
         if adapter is None or 'error' in edm:

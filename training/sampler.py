@@ -160,8 +160,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def generate_images(net: Callable, seeds: Sequence[int], device: torch.device, class_idx: Optional[int] = None,
-                    decoder: Optional[Callable] = None, **sampler_kwargs) -> torch.Tensor:
-    """Sample one image per seed with edm_sampler; returns uint8 [N, C, H, W] on the device.
+                    decoder: Optional[Callable] = None, sampler: Optional[Callable] = None, **sampler_kwargs) -> torch.Tensor:
+    """Sample one image per seed with edm_sampler (or `sampler`, called the same way); returns uint8 [N, C, H, W] on the device.
 
     Latents, random class labels (when the net is conditional and class_idx is None) and churn noise come from
     per-seed generators. `decoder` turns the samples of a latent-space net into uint8 images (see
@@ -180,7 +180,7 @@ def generate_images(net: Callable, seeds: Sequence[int], device: torch.device, c
         if class_idx is not None:
             indices = torch.full_like(indices, class_idx)
         class_labels = torch.nn.functional.one_hot(indices, net.label_dim).to(torch.float32)
-    images = edm_sampler(net, latents, class_labels=class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+    images = (sampler or edm_sampler)(net, latents, class_labels=class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
     return decoder(images).to(device) if decoder is not None else to_uint8(images)
 
 #----------------------------------------------------------------------------
