@@ -120,7 +120,7 @@ def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, worl
     c.patch_kwargs = dnnlib.EasyDict(real_p=opts.real_p, mode='progressive' if opts.progressive else 'stochastic') \
         if opts.patch == 'on' else None
     c.update(total_kimg=opts.duration * 1000, ema_halflife_kimg=opts.ema * 1000, ema_rampup_ratio=opts.ema_rampup,
-             lr_rampup_kimg=opts.lr_rampup * 1000, batch_size=opts.batch, batch_gpu=opts.batch_gpu,
+             lr_rampup_kimg=opts.lr_rampup * 1000, lr_cooldown=opts.lr_cooldown, batch_size=opts.batch, batch_gpu=opts.batch_gpu,
              precision='bf16' if opts.bf16 else 'fp16' if opts.fp16 else 'fp32',
              loss_scaling=opts.ls if opts.ls is not None else 2.0 ** 16 if opts.fp16 else 1,
              compile_kwargs=dnnlib.EasyDict(dynamic=False) if opts.compile else None, channels_last=opts.channels_last,
@@ -265,6 +265,7 @@ def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]
 @click.option('--attn', help='Resolutions with self-attention  [default: 16 (SongUNet), 32,16,8 (ADM)]', metavar='LIST')
 @click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
 @click.option('--lr-rampup', help='Learning-rate ramp-up', metavar='MIMG', type=click.FloatRange(min=0), default=10, show_default=True)
+@click.option('--lr-cooldown', help='Share of --duration at the end over which the learning rate decays linearly to 0', metavar='FLOAT', type=click.FloatRange(0, 1), default=0, show_default=True)
 @click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--ema-rampup', help='EMA ramp-up ratio', metavar='FLOAT', type=click.FloatRange(min=0), default=0.05, show_default=True)
 @click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.13, show_default=True)

@@ -198,6 +198,14 @@ def test_learning_rate_ramp_up_is_linear_in_images(cur_nimg, rampup_kimg, expect
     assert ramped_lr(0.01, cur_nimg, rampup_kimg) == pytest.approx(0.01 * expected, rel=1e-12, abs=0)
 
 
+@pytest.mark.parametrize('cur_nimg, expected', [
+    (5000, 0.5), (60000, 1.0), (80000, 1.0),       # ramp-up over 10 kimg, flat until the last 20% of 100 kimg
+    (90000, 0.5), (95000, 0.25), (99000, 0.05),    # then linear to zero: (100k - cur) / 20k
+    (100000, 0.0), (104000, 0.0)])                 # past the end (a resume with a shorter --duration) stays at 0
+def test_learning_rate_cools_down_linearly_to_zero(cur_nimg, expected):
+    assert ramped_lr(0.01, cur_nimg, 10, total_kimg=100, cooldown=0.2) == pytest.approx(0.01 * expected, rel=1e-12, abs=1e-15)
+
+
 @pytest.mark.parametrize('cur_nimg, step_nimg, halflife_kimg, ratio, halflife_nimg', [
     (1000, 100, 0.5, 0.05, 50),          # ramp-up binds: half-life = 5% of the images so far
     (100000, 100, 0.5, 0.05, 500),       # it does not: 5% of 100k images exceeds 500

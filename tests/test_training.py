@@ -464,6 +464,24 @@ def test_dry_run_prints_options_and_writes_nothing(data, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_lr_cooldown_reaches_the_optimizer(data, tmp_path):
+    # Full-image steps of 8 images: 50 steps to 400 images, the last taken at 392. With the last half cooling
+    # down, that step's lr is 1e-3 * (400 - 392) / 200, and the tick averages fall with the schedule.
+    run_dir = tmp_path / 'run'
+    assert_clean_exit(h.run_train(f'--outdir={run_dir}', f'--data={data}', *h.TINY, '--patch=off', '--lr=1e-3',
+                                  '--lr-cooldown=0.5', '--duration=0.0004', '--tick=0.1', '--seed=0', '--nosubdir'))
+    state = torch.load(run_dir / 'training-state-000000.pt', map_location='cpu', weights_only=False)
+    assert state['cur_nimg'] == 400
+    assert [group['lr'] for group in state['optimizer']['param_groups']] == [pytest.approx(1e-3 * 8 / 200, rel=1e-9)]
+    # The first tick ends after the step that passes 100 images: steps at 0, 8, ..., 96, the first at lr 0 (a
+    # ramp-up of 0 images still starts from 0, as in EDM). Each tick then starts where the last one passed its
+    # 100 images (104, 208, 312), so the last tick's steps at 312..392 average 1e-3 * mean(88, 80, ..., 8) / 200.
+    # The stats are float32 averages.
+    lrs = [record['Progress/lr']['mean'] for record in read_stats(run_dir)]
+    assert lrs[0] == pytest.approx(1e-3 * 12 / 13, rel=1e-6)
+    assert lrs[-1] == pytest.approx(1e-3 * (88 + 8) / 2 / 200, rel=1e-6)
+
+
 def test_loader_prefetches_enough_for_the_largest_batch_multiplier():
     from train import build_config, preset_options
     patch = build_config(preset_options('demo', workers=2), 'd', 32, world_size=1).data_loader_kwargs

@@ -260,9 +260,13 @@ def use_deterministic_algorithms(device: torch.device) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def ramped_lr(base_lr: float, cur_nimg: int, rampup_kimg: float) -> float:
-    """The learning rate after `cur_nimg` training images: linear ramp-up over `rampup_kimg`, as in EDM."""
-    return base_lr * min(cur_nimg / max(rampup_kimg * 1000, 1e-8), 1)
+def ramped_lr(base_lr: float, cur_nimg: int, rampup_kimg: float, total_kimg: float = 0, cooldown: float = 0) -> float:
+    """The learning rate after `cur_nimg` training images: linear ramp-up over `rampup_kimg`, as in EDM, then,
+    with `cooldown` > 0, a linear decay to zero over the last `cooldown` share of `total_kimg`."""
+    lr = base_lr * min(cur_nimg / max(rampup_kimg * 1000, 1e-8), 1)
+    if cooldown > 0:
+        lr *= min(max(total_kimg * 1000 - cur_nimg, 0) / (cooldown * total_kimg * 1000), 1)
+    return lr
 
 
 def ema_beta(cur_nimg: int, step_nimg: int, halflife_kimg: float, rampup_ratio: Optional[float]) -> float:
@@ -290,6 +294,7 @@ def training_loop(
     ema_halflife_kimg: float = 500,
     ema_rampup_ratio: Optional[float] = 0.05,
     lr_rampup_kimg: float = 10000,
+    lr_cooldown: float = 0,                   # share of total_kimg at the end over which the lr decays linearly to 0
     precision: str = 'fp32',                  # 'fp32', 'bf16' (autocast) or 'fp16' (autocast and a GradScaler)
     loss_scaling: float = 1,                  # the GradScaler's initial scale with fp16, else a constant loss factor
     compile_kwargs: Optional[dict] = None,    # torch.compile options for the training network; None runs it eagerly
@@ -431,12 +436,13 @@ def training_loop(
         while True:
             size = schedule.sample(progress=min(cur_nimg / max(total_nimg, 1), 1)) if schedule else resolution
             multiplier = schedule.batch_multiplier(size) if schedule else 1
-            lr = ramped_lr(optimizer_kwargs['lr'], cur_nimg, lr_rampup_kimg)
+            lr = ramped_lr(optimizer_kwargs['lr'], cur_nimg, lr_rampup_kimg, total_kimg, lr_cooldown)
             step_start = time.perf_counter()
             optimizer_step(ddp, optimizer, loss_fn, batches.next_round, size, multiplier, num_rounds, lr,
                            augment_pipe=augment_pipe, loss_scaling=loss_scaling, scaler=scaler,
                            autocast_dtype=AUTOCAST_DTYPES[precision], channels_last=channels_last, loss_norm=loss_norm)
             training_stats.report('Timing/step_sec', time.perf_counter() - step_start)
+            training_stats.report('Progress/lr', lr)
             consumed += num_rounds * multiplier * batch_gpu
 
             step_nimg = batch_size * multiplier
