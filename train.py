@@ -111,6 +111,11 @@ def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, worl
     if opts.cond:
         c.network_kwargs.label_dropout = opts.label_dropout
     c.loss_kwargs = dnnlib.EasyDict(class_name=f'training.loss.{"Patch" if opts.patch == "on" else ""}{loss}')
+    for flag, name, value in (('--p-mean', 'P_mean', opts.p_mean), ('--p-std', 'P_std', opts.p_std)):
+        if value is not None:
+            if opts.precond != 'edm':
+                raise click.BadParameter(f'sets the log-normal noise levels of --precond=edm, not {opts.precond}', param_hint=flag)
+            c.loss_kwargs[name] = value
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8, fused=True)
     c.augment_kwargs = None
     if opts.augment:
@@ -250,6 +255,8 @@ def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]
 @click.option('--arch', help='Network architecture', type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
 @click.option('--precond', help='Preconditioning & loss function', type=click.Choice(['edm', 'vp', 've']), default='edm', show_default=True)
 @click.option('--patch', help='Patch Diffusion (on) or the plain EDM baseline (off)', type=click.Choice(['on', 'off']), default='on', show_default=True)
+@click.option('--p-mean', help='Mean of ln(sigma) in training (--precond=edm)  [default: -1.2, as in EDM]', metavar='FLOAT', type=float)
+@click.option('--p-std', help='Standard deviation of ln(sigma) in training (--precond=edm)  [default: 1.2, as in EDM]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--real_p', help='Share of full-size images per step', type=click.FloatRange(0, 1), default=0.5, show_default=True)
 @click.option('--loss-norm', help='Weight of a patch step: per image (EDM, official code) or per pixel (every step equal)', type=click.Choice(LOSS_NORMS), default='pixel', show_default=True)
 @click.option('--progressive', help='Progressive patch schedule (small first)', type=bool, default=False, show_default=True)

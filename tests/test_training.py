@@ -482,6 +482,19 @@ def test_lr_cooldown_reaches_the_optimizer(data, tmp_path):
     assert lrs[-1] == pytest.approx(1e-3 * (88 + 8) / 2 / 200, rel=1e-6)
 
 
+def test_noise_level_flags_reach_the_edm_loss_only():
+    import click
+    import dnnlib
+    from train import build_config, preset_options
+    loss = dnnlib.util.construct_class_by_name(
+        **build_config(preset_options('demo', p_mean=-0.8, p_std=1.6), 'd', 16, world_size=1).loss_kwargs)
+    assert (loss.P_mean, loss.P_std) == (-0.8, 1.6)
+    default = dnnlib.util.construct_class_by_name(**build_config(preset_options('demo'), 'd', 16, world_size=1).loss_kwargs)
+    assert (default.P_mean, default.P_std) == (-1.2, 1.2)  # EDM's
+    with pytest.raises(click.BadParameter, match='--precond=edm, not vp'):
+        build_config(preset_options('demo', precond='vp', p_std=1.0), 'd', 16, world_size=1)
+
+
 def test_loader_prefetches_enough_for_the_largest_batch_multiplier():
     from train import build_config, preset_options
     patch = build_config(preset_options('demo', workers=2), 'd', 32, world_size=1).data_loader_kwargs
