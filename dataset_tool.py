@@ -1,7 +1,7 @@
 """Prepare a training data set: convert a folder or zip of images (or the built-in demo set) into EDM's format.
 
 Examples:
-  python dataset_tool.py --source=demo:shapes --dest=datasets/shapes-32x32.zip --resolution=32x32
+  python dataset_tool.py --source=demo:shapes --dest=datasets/shapes-16x16.zip --resolution=16x16
   python dataset_tool.py --source=downloads/celeba --dest=datasets/celeba-64x64.zip --resolution=64x64 --transform=center-crop
   python dataset_tool.py --source=/tmp/twemoji/package/img/twitter/64 --dest=datasets/twemoji-32x32.zip --resolution=32x32 \\
       --heldout=10 --heldout-dest=datasets/twemoji-32x32-heldout.zip
@@ -66,7 +66,7 @@ def list_source(source: str, max_images: Optional[int], seed: int, resolution: O
         if source != 'demo:shapes':
             raise click.BadParameter(f'unknown demo set "{source}"; the built-in one is demo:shapes', param_hint='--source')
         if resolution is None:
-            raise click.BadParameter('the demo set is drawn at any size; give one, e.g. --resolution=32x32', param_hint='--resolution')
+            raise click.BadParameter('the demo set is drawn at any size; give one, e.g. --resolution=16x16', param_hint='--resolution')
         if resolution[0] != resolution[1]:
             raise click.BadParameter('the demo set is square; give WxW', param_hint='--resolution')
         num = max_images if max_images is not None else 5000

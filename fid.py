@@ -1,12 +1,12 @@
 """Frechet Inception Distance (FID) and Kernel Inception Distance (KID) of a folder, a zip or a network's samples.
 
 Examples (torchrun needs `--` before the script: otherwise it takes --num for an abbreviation of its --numa-binding):
-  python fid.py ref --data=datasets/shapes-32x32.zip --dest=fid-refs/shapes-32x32.npz
-  torchrun --standalone --nproc_per_node=8 -- fid.py calc --images=fid-tmp --ref=fid-refs/shapes-32x32.npz --num=50000
-  torchrun --standalone --nproc_per_node=8 -- fid.py calc --network=snap.pkl --ref=fid-refs/shapes-32x32.npz --num=50000
+  python fid.py ref --data=datasets/shapes-16x16.zip --dest=fid-refs/shapes-16x16.npz
+  torchrun --standalone --nproc_per_node=8 -- fid.py calc --images=fid-tmp --ref=fid-refs/shapes-16x16.npz --num=50000
+  torchrun --standalone --nproc_per_node=8 -- fid.py calc --network=snap.pkl --ref=fid-refs/shapes-16x16.npz --num=50000
   python fid.py calc --images=fid-tmp --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz  # FID only
-  python fid.py calc --images=fid-tmp --ref=fid-refs/shapes-32x32.npz --detector=inception-offline  # no download
-  python fid.py demo --network=demo-run --fid-data=datasets/shapes-32x32.zip  # the quick start's scores
+  python fid.py calc --images=fid-tmp --ref=fid-refs/shapes-16x16.npz --detector=inception-offline  # no download
+  python fid.py demo --network=demo-run --fid-data=datasets/shapes-16x16.zip  # the quick start's scores
 """
 
 import hashlib

@@ -1,7 +1,7 @@
 """Train a Patch Diffusion (or plain EDM) model.
 
 Examples:
-  python train.py --preset=demo --data=datasets/shapes-32x32.zip --outdir=training-runs
+  python train.py --preset=demo --data=datasets/shapes-16x16.zip --outdir=training-runs
   torchrun --standalone --nproc_per_node=8 train.py --preset=celeba64 --data=datasets/celeba-64x64.zip --outdir=training-runs
 """
 
