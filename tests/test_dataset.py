@@ -91,7 +91,7 @@ def test_failed_conversion_leaves_nothing(tmp_path):
     (['--source', 'nowhere'], 'not a directory, a zip file or demo:shapes'),
     (['--source', 'demo:shapes', '--resolution', '32'], 'not of the form WxH'),
     (['--source', 'demo:circles', '--resolution', '32x32'], 'unknown demo set'),
-    (['--source', 'demo:shapes'], 'give one, e.g. --resolution=32x32'),
+    (['--source', 'demo:shapes'], 'give one, e.g. --resolution=16x16'),
     (['--source', 'demo:shapes', '--resolution', '32x16'], 'images must be square'),
 ])
 def test_tool_bad_arguments(tmp_path, args, message):
