@@ -378,19 +378,24 @@ def calc(ctx: click.Context, image_path: Optional[str], network_path: Optional[s
 @click.option('--steps', 'num_steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--fid-data', help='Also score FID and KID of the samples against as many images of this data set (statistics cached beside it)',
               metavar='ZIP|DIR')
+@click.option('--fid-num', help='Score FID and KID on the first N samples only (Inception is the slow part)  [default: --num]',
+              metavar='INT', type=click.IntRange(min=2))
 @click.option('--grid', help='Also save the first 64 samples as a PNG grid', metavar='PATH.png')
 @click.option('--json', 'json_path', help='Append the result as one JSON line', metavar='PATH')
 @detector_option(OFFLINE_NAME)
 @batch_option
 @device_option
-def demo(network_path: str, num: int, heldout: int, num_steps: int, fid_data: Optional[str], grid: Optional[str],
-         json_path: Optional[str], detector_path: str, batch_size: int, device: str) -> None:
+def demo(network_path: str, num: int, heldout: int, num_steps: int, fid_data: Optional[str], fid_num: Optional[int],
+         grid: Optional[str], json_path: Optional[str], detector_path: str, batch_size: int, device: str) -> None:
     """Score a model of the built-in demo set: coherence of its samples, held-out denoising loss, and FID and KID with --fid-data."""
     torch_device = _init(device)
     if distributed.get_world_size() > 1:
         raise click.UsageError('fid.py demo runs in one process')
     if fid_data is not None and num < 2:
         raise click.BadParameter('FID and KID need at least 2 samples', param_hint='--num')
+    fid_num = num if fid_num is None else fid_num
+    if fid_num > num:
+        raise click.BadParameter(f'{fid_num} is more than the {num} samples of --num', param_hint='--fid-num')
     net = _open_network(network_path, torch_device, None, 1.0)
     if net.img_channels != 3:
         raise click.BadParameter(f'the network makes {net.img_channels}-channel images; the demo set is RGB', param_hint='--network')
@@ -405,10 +410,11 @@ def demo(network_path: str, num: int, heldout: int, num_steps: int, fid_data: Op
     click.echo(f'heldout_loss {loss["mean"]:.4f}  (' + ', '.join(f'{k} {v:.3f}' for k, v in loss.items() if k != 'mean') + ')')
     record = dict(coherence=coherence, colour_shares=shares, heldout_loss=loss, num=num, steps=num_steps, network=network_path)
     if fid_data is not None:
-        distributed.print0(f'Computing Inception features of {num} samples and {num} images of {fid_data}...')
-        ref_stats = cached_reference(fid_data, num, detector, detector_name, torch_device, batch_size)
-        record.update(fid_kid(images, ref_stats, detector, torch_device, batch_size), fid_data=fid_data, detector=detector_name)
-        click.echo(f'FID {record["fid"]:.2f}  ({num} samples against {num} images of {fid_data}; at so few images FID is biased upward, '
+        distributed.print0(f'Computing Inception features of {fid_num} samples and {fid_num} images of {fid_data}...')
+        ref_stats = cached_reference(fid_data, fid_num, detector, detector_name, torch_device, batch_size)
+        record.update(fid_kid(images[:fid_num], ref_stats, detector, torch_device, batch_size), fid_data=fid_data,
+                      detector=detector_name, fid_num=fid_num)
+        click.echo(f'FID {record["fid"]:.2f}  ({fid_num} samples against {fid_num} images of {fid_data}; at so few images FID is biased upward, '
                    f'so compare it only at equal counts)')
         click.echo(f'KID {record["kid"]:.4f}  (the same images; unbiased at any count)')
     if grid is not None:

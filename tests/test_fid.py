@@ -282,3 +282,22 @@ def test_demo_scores_a_snapshot_without_a_detector(files, tmp_path):
     assert all(share * 4 == round(share * 4) for share in shares.values())  # shares of 4 samples
     assert next(line for line in result.stdout.splitlines() if line.startswith('colour_shares')).count('0.') >= 1
     assert PIL.Image.open(tmp_path / "grid.png").size == (262, 262)  # 2x2 samples of 16x16, each shown 128 px wide, 2-pixel borders
+
+
+def test_demo_fid_num_scores_fid_on_the_first_samples_only(files, tmp_path):
+    # FID and KID of samples 0-3 against 4 data set images, once as all of --num=4 and once as --fid-num=4 of --num=6:
+    # the same images on both sides, so the same scores; coherence and colours count all 6.
+    def demo(*args):
+        result = CliRunner().invoke(fid.main, ['demo', '--network', str(files / 'net.pkl'), '--steps', '2', '--heldout', '8',
+                                               '--device', 'cpu', '--fid-data', str(files / 'a.zip'), '--detector',
+                                               str(files / 'detector.pt'), '--json', str(tmp_path / 'r.jsonl'), *args])
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / 'r.jsonl').read_text().splitlines()[-1]), result.output
+    (whole, _), (first, output) = demo('--num', '4'), demo('--num', '6', '--fid-num', '4')
+    assert (whole['fid_num'], first['fid_num'], first['num']) == (4, 4, 6)
+    assert first['fid'] == pytest.approx(whole['fid'], rel=1e-6) and first['kid'] == pytest.approx(whole['kid'], rel=1e-6, abs=1e-9)
+    assert 'Inception features of 4 samples and 4 images' in output
+    assert all(share * 6 == round(share * 6) for share in first['colour_shares'].values())  # shares of 6 samples
+    result = CliRunner().invoke(fid.main, ['demo', '--network', str(files / 'net.pkl'), '--num', '4', '--fid-num', '5',
+                                           '--fid-data', str(files / 'a.zip'), '--device', 'cpu'])
+    assert result.exit_code == 2 and '--fid-num' in result.output and 'more than the 4 samples' in result.output
