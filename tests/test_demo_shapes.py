@@ -108,9 +108,9 @@ def test_brief_demo_training_samples_every_colour_in_about_equal_shares(tmp_path
     from training.snapshot import load_network
     data = h.make_dataset(str(tmp_path / 'shapes-16x16.zip'), resolution=16, num=5000)
     runs = [tmp_path / f'seed{seed}' for seed in (0, 1)]
-    for proc in h.run_parallel(*[h.train_cmd('--preset=demo', f'--data={data}', f'--outdir={run}', '--nosubdir',
-                                             f'--seed={seed}', '--duration=0.02', '--preview=False', '--snap=1000')
-                                 for seed, run in enumerate(runs)], timeout=600):
+    for proc in h.run_train_parallel(*[['--preset=demo', f'--data={data}', f'--outdir={run}', '--nosubdir', f'--seed={seed}',
+                                        '--duration=0.02', '--preview=False', '--snap=1000'] for seed, run in enumerate(runs)],
+                                     timeout=600):
         assert proc.returncode == 0, proc.stderr[-3000:]
     for run in runs:
         net = load_network(str(sorted(run.glob('network-snapshot-*.pkl'))[-1]))
