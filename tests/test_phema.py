@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import scipy.integrate
+import scipy.optimize
 import torch
 from click.testing import CliRunner
 
@@ -77,6 +78,70 @@ def test_solve_is_exact_for_a_stored_profile_and_reports_a_residual_otherwise():
     _, between = solve_coefficients(stored_t, stored_g, 1e6, sigma_rel_to_gamma(0.07))
     _, far = solve_coefficients(stored_t[-2:], stored_g[-2:], 1e6, sigma_rel_to_gamma(0.25))
     assert between < 1e-4 < phema.RESIDUAL_WARNING < far
+
+
+# EDM2's grid: profiles 0.05 and 0.10 stored every 8 Mi images up to 128 Mi, targets 0.03..0.20 at the last one.
+GRID_T = [k * 8 << 20 for k in range(1, 17)]
+GRID_STORED = [(t, s) for t in GRID_T for s in (0.05, 0.10)]
+GRID_TARGETS = [round(0.03 + 0.01 * i, 2) for i in range(18)]
+
+
+def _gamma_by_bisection(sigma_rel):
+    """gamma of a sigma_rel from its definition sqrt((g+1) / ((g+2)^2 (g+3))), decreasing for g above 0.3."""
+    return scipy.optimize.brentq(lambda g: math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))) - sigma_rel, 0.3, 1e6, xtol=1e-14, rtol=1e-15)
+
+
+def _edm2_coefficients(stored, target_t, target_sigma_rel):
+    """Written out from the EDM2 paper's appendix: for profiles p(tau) = (g+1) tau^g / t^(g+1) on [0, t], with
+    t_a <= t_b, <p_a, p_b> = (g_a+1)(g_b+1) / (g_a+g_b+1) * (t_a/t_b)^g_b / t_b; solve A x = b, then x / sum(x)."""
+    def dot(ta, sa, tb, sb):
+        (ta, ga), (tb, gb) = sorted([(ta, _gamma_by_bisection(sa)), (tb, _gamma_by_bisection(sb))])
+        return (ga + 1) * (gb + 1) / (ga + gb + 1) * (ta / tb) ** gb / tb
+    A = np.array([[dot(*i, *j) for j in stored] for i in stored])
+    b = np.array([dot(*i, target_t, target_sigma_rel) for i in stored])
+    x = np.linalg.solve(A, b)
+    return x / x.sum()
+
+
+def _grid_coefficients(target_sigma_rel):
+    return solve_coefficients([t for t, _ in GRID_STORED], [sigma_rel_to_gamma(s) for _, s in GRID_STORED],
+                              GRID_T[-1], sigma_rel_to_gamma(target_sigma_rel))
+
+
+@pytest.mark.parametrize('target', GRID_TARGETS)
+def test_coefficients_sum_to_one_and_match_edm2s_solve(target):
+    x, residual = _grid_coefficients(target)
+    assert x.sum() == pytest.approx(1, abs=1e-12)
+    np.testing.assert_allclose(x, _edm2_coefficients(GRID_STORED, GRID_T[-1], target), rtol=0, atol=1e-9 * np.abs(x).max())
+    # The residual is that of the normalised x, recomputed by Gauss-Legendre quadrature between the snapshot times.
+    density = lambda t, sigma_rel, tau: np.where(tau <= t, (_gamma_by_bisection(sigma_rel) + 1) / t
+                                                 * (tau / t) ** _gamma_by_bisection(sigma_rel), 0.0)
+    nodes, node_weights = np.polynomial.legendre.leggauss(80)
+    error = norm = 0.0
+    for a, b in zip([0] + GRID_T[:-1], GRID_T):
+        tau, w = (a + b) / 2 + (b - a) / 2 * nodes, (b - a) / 2 * node_weights
+        wanted = density(GRID_T[-1], target, tau)
+        error += w @ (sum(c * density(t, s, tau) for c, (t, s) in zip(x, GRID_STORED)) - wanted) ** 2
+        norm += w @ wanted ** 2
+    assert residual == pytest.approx(error / norm, rel=1e-6, abs=1e-12)
+
+
+EDM2_CHECKOUT = os.path.join(h.REPO, '.baselines', 'edm2')
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(EDM2_CHECKOUT, 'training', 'phema.py')), reason='no EDM2 checkout in .baselines/edm2')
+def test_coefficients_match_edm2s_own_solver():
+    import json
+    import subprocess
+    t, s = [t for t, _ in GRID_STORED], [s for _, s in GRID_STORED]
+    code = ('import json, training.phema as p; '
+            f'print(json.dumps(p.solve_posthoc_coefficients({t}, {s}, {GRID_T[-1]}, {GRID_TARGETS}).tolist()))')
+    proc = subprocess.run([h.PYTHON, '-c', code], cwd=EDM2_CHECKOUT, capture_output=True, text=True, timeout=120,
+                          env=dict(h.subprocess_env(), PYTHONPATH=EDM2_CHECKOUT))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = np.array(json.loads(proc.stdout))  # [stored, target]
+    for j, target in enumerate(GRID_TARGETS):  # measured: equal to 2e-13
+        np.testing.assert_allclose(_grid_coefficients(target)[0], theirs[:, j], rtol=0, atol=1e-10)
 
 
 def test_halflife_to_sigma_rel_approximates_the_exponential_profile():

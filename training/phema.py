@@ -142,13 +142,19 @@ def inner_products(t_a: np.ndarray, g_a: np.ndarray, t_b: np.ndarray, g_b: np.nd
 
 def solve_coefficients(stored_t: Sequence[float], stored_gamma: Sequence[float], target_t: float,
                        target_gamma: float) -> Tuple[np.ndarray, float]:
-    """(x, relative residual): the least-squares combination sum x_i p_i of the stored profiles nearest the target."""
+    """(x, relative residual): the combination sum x_i p_i of the stored profiles nearest the target, as EDM2 solves it.
+
+    x is the least-squares solution of A x = b, rescaled to sum to 1 (EDM2's reconstruct_phema.py does the same): every
+    profile is an average (it integrates to 1), so the combination must be one too, or the reconstructed weights would
+    be scaled. The residual is that of the rescaled x: ||p_r - sum x_i p_i||^2 / ||p_r||^2.
+    """
     scale = float(target_t)  # the coefficients do not depend on the unit of time; this keeps A near 1
     t = np.asarray(stored_t, dtype=np.float64) / scale
     g = np.asarray(stored_gamma, dtype=np.float64)
     A = inner_products(t[:, None], g[:, None], t[None, :], g[None, :])
     b = inner_products(t, g, 1.0, target_gamma)
     x = np.linalg.lstsq(A, b, rcond=None)[0]
+    x = x / x.sum()
     target_norm = float(inner_products(1.0, target_gamma, 1.0, target_gamma))
     residual = (target_norm - 2 * float(x @ b) + float(x @ A @ x)) / target_norm
     return x, max(residual, 0.0)
