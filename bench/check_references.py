@@ -1,5 +1,5 @@
-"""Check this project against the reference code itself: snapshots written by NVlabs/edm and by the official Patch
-Diffusion code load here and give the same outputs, and EDM's sampler gives the same images for the same seeds.
+"""Check this project against the reference code itself: snapshots written by NVlabs/edm, NVlabs/edm2 and the official
+Patch Diffusion code load here and give the same outputs, and EDM's sampler gives the same images for the same seeds.
 
 The references run from their own checkouts (kept outside version control, e.g. in .baselines/), in subprocesses
 with the checkout on PYTHONPATH: REFERENCE_SCRIPT builds tiny networks with their classes, pickles them as their
@@ -7,7 +7,13 @@ training loops do (dict(ema, loss_fn, augment_pipe, dataset_kwargs)), records ou
 samples with its generate.py's edm_sampler and StackedRandomGenerator as its main() calls them. This process then
 loads every pickle with training.snapshot.load_network (no code from the file runs) and compares.
 
-  python bench/check_references.py --edm=.baselines/edm --official=.baselines/patch-diffusion --json=bench-out/references.json
+EDM2's networks (bench/edm2_cases.py) get deterministic weights instead of random ones; its script pickles them as
+EDM2's training loop does (EasyDict(encoder, dataset_kwargs, loss_fn, ema)) and records the outputs in eval mode, in
+training mode (the first call, where forced weight normalisation rewrites the weights) and in eval mode after it.
+--edm2-data writes those inputs, outputs and state-dict layouts for tests/test_networks_edm2.py.
+
+  python bench/check_references.py --edm=.baselines/edm --official=.baselines/patch-diffusion --edm2=.baselines/edm2 \
+      --json=bench-out/references.json --edm2-data=tests/data/edm2-reference.pt
 """
 
 import json
@@ -22,6 +28,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import edm2_cases  # noqa: E402
 from bench.common import write_json  # noqa: E402
 from training.sampler import generate_images  # noqa: E402
 from training.snapshot import load_network  # noqa: E402
@@ -60,7 +67,7 @@ import json, pickle, sys
 import torch
 import dnnlib
 from training import networks
-kind, outdir, cases, sampling, seeds = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), json.loads(sys.argv[5])
+outdir, kind, cases, sampling, seeds = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), json.loads(sys.argv[5])
 if kind == 'edm':
     from training.loss import EDMLoss as Loss
 else:
@@ -104,6 +111,32 @@ if sampling:
         torch.save((images * 127.5 + 128).clip(0, 255).to(torch.uint8), f'{outdir}/sample-{name}.pt')
 '''
 
+EDM2_SCRIPT = r'''
+import copy, pickle, sys
+import torch
+import dnnlib
+from training.encoders import StabilityVAEEncoder, StandardRGBEncoder
+from training.networks_edm2 import Precond
+from training.training_loop import EDM2Loss
+outdir = sys.argv[1]
+sys.path.insert(0, sys.argv[2])
+import edm2_cases
+for name, (kwargs, encoder, dtype) in edm2_cases.CASES.items():
+    net = edm2_cases.fill_deterministic(Precond(**kwargs)).eval().requires_grad_(False)
+    encoder = StandardRGBEncoder() if encoder == 'rgb' else StabilityVAEEncoder(**edm2_cases.VAE_ENCODER)
+    ema = copy.deepcopy(net).to(getattr(torch, dtype))
+    data = dnnlib.EasyDict(encoder=encoder, dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path='x.zip'),
+                           loss_fn=EDM2Loss(), ema=ema)
+    with open(f'{outdir}/{name}.pkl', 'wb') as f:
+        pickle.dump(data, f)
+    io = edm2_cases.inputs(name)
+    out = dict(io, kwargs=kwargs, layout=[(k, list(v.shape)) for k, v in net.state_dict().items()])
+    with torch.no_grad():  # the pickled EMA as it is, float16 weights and all
+        out['stored_dtype_eval'] = ema(io['x'], io['sigma'], class_labels=io['class_labels'], return_logvar=True)
+    out.update(edm2_cases.outputs(net, io))
+    torch.save(out, f'{outdir}/{name}-io.pt')
+'''
+
 
 def git_commit(checkout: str) -> str:
     """The commit a checkout is at, or 'unknown'."""
@@ -111,12 +144,12 @@ def git_commit(checkout: str) -> str:
     return proc.stdout.strip() if proc.returncode == 0 else 'unknown'
 
 
-def run_reference(kind: str, checkout: str, outdir: str, cases: Dict, sampling: Dict) -> None:
-    """Run REFERENCE_SCRIPT in the reference's checkout; its pickles and outputs go to outdir."""
+def run_reference(kind: str, checkout: str, outdir: str, script: str, args: List[str]) -> None:
+    """Run `script` with `args` after the output folder in the reference's checkout; its pickles and outputs go to outdir."""
     os.makedirs(outdir, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.path.abspath(checkout))
-    proc = subprocess.run([sys.executable, '-c', REFERENCE_SCRIPT, kind, os.path.abspath(outdir), json.dumps(cases),
-                           json.dumps(sampling), json.dumps(SEEDS)], cwd=checkout, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, '-c', script, os.path.abspath(outdir), *args], cwd=checkout, env=env,
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise click.ClickException(f'the {kind} reference in {checkout} failed:\n{proc.stderr[-3000:]}')
 
@@ -136,6 +169,35 @@ def compare_networks(outdir: str, cases: Dict) -> List[Dict]:
     return rows
 
 
+def compare_edm2(outdir: str) -> List[Dict]:
+    """Each EDM2 pickle loaded here: its state-dict layout against EDM2's, and the largest differences of D and logvar
+    from EDM2's in every mode of edm2_cases.outputs (absolute, and relative to the largest value)."""
+    rows = []
+    for name in edm2_cases.CASES:
+        net = load_network(os.path.join(outdir, f'{name}.pkl'))
+        io = torch.load(os.path.join(outdir, f'{name}-io.pt'))
+        layout = [(k, list(v.shape)) for k, v in net.state_dict().items()]
+        ours = edm2_cases.outputs(net, io)
+        for mode, (D, logvar) in ours.items():
+            diff = max(float((D - io[mode][0]).abs().max()), float((logvar - io[mode][1]).abs().max()))
+            scale = max(float(io[mode][0].abs().max()), float(io[mode][1].abs().max()))
+            rows.append(dict(case=f'{name} ({mode})', loaded_as=type(net).__name__, pos_channels=net.pos_channels,
+                             max_abs_diff=diff, max_rel_diff=diff / scale if layout == io['layout'] else float('inf'),
+                             layout_equal=layout == io['layout'], latent=net.latent,
+                             vs_stored_dtype=float((ours['eval'][0] - io['stored_dtype_eval'][0]).abs().max())))
+    return rows
+
+
+def write_edm2_data(outdir: str, path: str, commit: str) -> None:
+    """The EDM2 cases' arguments, state-dict layouts, inputs and EDM2's outputs, for tests/test_networks_edm2.py."""
+    keep = ('kwargs', 'layout', 'x', 'sigma', 'class_labels', *edm2_cases.MODES)
+    cases = {}
+    for name in edm2_cases.CASES:
+        io = torch.load(os.path.join(outdir, f'{name}-io.pt'))
+        cases[name] = {key: io[key] for key in keep}
+    torch.save(dict(edm2_commit=commit, torch=str(torch.__version__), cases=cases), path)
+
+
 def compare_sampling(outdir: str) -> List[Dict]:
     """Each sampling mode run here with the loaded network and the same seeds: uint8 values that differ from EDM's."""
     rows = []
@@ -149,27 +211,47 @@ def compare_sampling(outdir: str) -> List[Dict]:
     return rows
 
 
+def check_edm2(checkout: str, outdir: str, data_path: Optional[str], commits: Dict) -> List[Dict]:
+    """Run EDM2_SCRIPT in EDM2's checkout, compare, and write the test data if asked."""
+    commits['edm2'] = git_commit(checkout)
+    print(f'edm2: {checkout} at {commits["edm2"]}', flush=True)
+    run_reference('edm2', checkout, outdir, EDM2_SCRIPT, [os.path.join(ROOT, 'bench')])
+    rows = [dict(row, reference='edm2') for row in compare_edm2(outdir)]
+    if data_path:
+        write_edm2_data(outdir, data_path, commits['edm2'])
+        print(f'wrote {data_path}')
+    return rows
+
+
 @click.command()
 @click.option('--edm', 'edm_dir', help='Checkout of NVlabs/edm', metavar='DIR')
 @click.option('--official', 'official_dir', help='Checkout of the official Patch Diffusion code', metavar='DIR')
+@click.option('--edm2', 'edm2_dir', help='Checkout of NVlabs/edm2', metavar='DIR')
+@click.option('--edm2-data', 'edm2_data', help='With --edm2: write the EDM2 outputs for the tests here', metavar='PATH')
 @click.option('--outdir', help='Where the references write their pickles', metavar='DIR', default='bench-out/references', show_default=True)
 @click.option('--tolerance', help='Largest network-output difference, relative to the largest output, that passes', metavar='FLOAT',
               type=float, default=2e-6, show_default=True)
 @click.option('--json', 'json_path', help='Also write the results here', metavar='PATH')
-def main(edm_dir: Optional[str], official_dir: Optional[str], outdir: str, tolerance: float, json_path: Optional[str]) -> None:
+def main(edm_dir: Optional[str], official_dir: Optional[str], edm2_dir: Optional[str], edm2_data: Optional[str], outdir: str,
+         tolerance: float, json_path: Optional[str]) -> None:
     """Load the references' own snapshots and compare outputs and samples; exits 1 if anything differs."""
-    if not edm_dir and not official_dir:
-        raise click.UsageError('give --edm, --official or both')
+    if not edm_dir and not official_dir and not edm2_dir:
+        raise click.UsageError('give --edm, --official, --edm2 or several')
+    if edm2_data and not edm2_dir:
+        raise click.UsageError('--edm2-data needs --edm2')
     results = dict(torch=torch.__version__, tolerance=tolerance, networks=[], sampling=[], commits={})
     for kind, checkout, cases, sampling in [('edm', edm_dir, EDM_CASES, SAMPLING), ('official', official_dir, OFFICIAL_CASES, {})]:
         if not checkout:
             continue
         results['commits'][kind] = git_commit(checkout)
         print(f'{kind}: {checkout} at {results["commits"][kind]}', flush=True)
-        run_reference(kind, checkout, os.path.join(outdir, kind), cases, sampling)
+        run_reference(kind, checkout, os.path.join(outdir, kind), REFERENCE_SCRIPT,
+                      [kind, json.dumps(cases), json.dumps(sampling), json.dumps(SEEDS)])
         results['networks'] += [dict(row, reference=kind) for row in compare_networks(os.path.join(outdir, kind), cases)]
         if sampling:
             results['sampling'] += compare_sampling(os.path.join(outdir, kind))
+    if edm2_dir:
+        results['networks'] += check_edm2(edm2_dir, os.path.join(outdir, 'edm2'), edm2_data, results['commits'])
     print('\n| reference | snapshot | loaded as | pos_channels | max abs output difference | relative |\n'
           '| --- | --- | --- | --- | --- | --- |')
     for row in results['networks']:

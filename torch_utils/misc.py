@@ -68,9 +68,13 @@ def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Mo
     """Copy every parameter and buffer of `src_module` into the same-named tensor of `dst_module`.
 
     With `extra_inputs` > 0 (a network without coordinate channels into one with them), a 4-D weight that has that
-    many more input channels in the destination gets the source's weight in its first channels and zeros in the
-    others, so the destination starts out computing exactly what the source did, whatever the coordinates.
+    many more input channels in the destination gets zeros for the coordinate channels and the source's weight for
+    the others, so that the coordinates do not change the output. The coordinates are the last inputs unless the
+    destination appends `inputs_after_coordinates` channels of its own after them (EDM2's constant channel).
+    EDM's layers then compute exactly what the source did; EDM2's normalise each output channel's weights, see
+    docs/compatibility.md for the difference the wider fan-in makes there.
     """
+    after = getattr(dst_module, 'inputs_after_coordinates', 0)
     src = dict(src_module.named_parameters()) | dict(src_module.named_buffers())
     for name, tensor in list(dst_module.named_parameters()) + list(dst_module.named_buffers()):
         if name not in src:
@@ -81,7 +85,9 @@ def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Mo
         widened = extra_inputs > 0 and source.ndim == 4 and tensor.shape[1] == source.shape[1] + extra_inputs \
             and tensor.shape[0] == source.shape[0] and tensor.shape[2:] == source.shape[2:]
         if widened:
-            tensor.zero_()[:, :source.shape[1]].copy_(source)
+            split = source.shape[1] - after
+            tensor.zero_()[:, :split].copy_(source[:, :split])
+            tensor[:, split + extra_inputs:].copy_(source[:, split:])
         elif source.shape != tensor.shape:
             raise ValueError(f'{name}: shape {tuple(source.shape)} does not match {tuple(tensor.shape)}')
         else:

@@ -498,13 +498,14 @@ def check_patch_size(channel_mult: Sequence[int], size: Union[int, Sequence[int]
 #----------------------------------------------------------------------------
 # Preconditioning.
 
-class _Precond(torch.nn.Module):
-    """Shared part of the preconditioners: builds the network and runs D(x; sigma) from c_skip, c_out, c_in, c_noise."""
+class PrecondBase(torch.nn.Module):
+    """What every preconditioner shares: its interface attributes, input checks, label handling and network dtype.
+
+    Subclasses provide `model`, the U-Net (its `channel_mult` sets the valid patch sizes).
+    """
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool, use_bf16: bool,
-                 model_type: str, pos_channels: int, latent: Optional[dict], model_kwargs: dict, out_factor: int = 1):
-        if model_type not in MODELS:
-            raise ValueError(f'unknown model_type "{model_type}", expected one of {sorted(MODELS)}')
+                 pos_channels: int, latent: Optional[dict]):
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -513,12 +514,6 @@ class _Precond(torch.nn.Module):
         self.use_bf16 = use_bf16
         self.pos_channels = pos_channels
         self.latent = dict(latent) if latent else None  # samples are decoded with this VAE (training/latents.py)
-        self.model = MODELS[model_type](img_resolution=img_resolution, in_channels=img_channels + pos_channels,
-                                        out_channels=img_channels * out_factor, label_dim=label_dim, **model_kwargs)
-
-    def scalings(self, sigma: torch.Tensor):
-        """Return (c_skip, c_out, c_in, c_noise) for noise levels sigma of shape [N, 1, 1, 1]."""
-        raise NotImplementedError
 
     def round_sigma(self, sigma) -> torch.Tensor:
         """Noise level the network actually supports closest to sigma (identity here)."""
@@ -534,9 +529,8 @@ class _Precond(torch.nn.Module):
             return torch.float16
         return torch.float32
 
-    def forward(self, x: torch.Tensor, sigma: Union[torch.Tensor, float], x_pos: Optional[torch.Tensor] = None,
-                class_labels: Optional[torch.Tensor] = None, force_fp32: bool = False, **model_kwargs) -> torch.Tensor:
-        """Denoise x (image channels only) at noise level sigma; x_pos holds the patch's pixel coordinates."""
+    def check_inputs(self, x: torch.Tensor, x_pos: Optional[torch.Tensor]) -> None:
+        """Raise ValueError unless x, x_pos and the patch size fit this network."""
         if x.shape[1] != self.img_channels:
             raise ValueError(f'x has {x.shape[1]} channels, expected img_channels={self.img_channels}')
         if self.pos_channels == 0 and x_pos is not None:
@@ -547,6 +541,8 @@ class _Precond(torch.nn.Module):
             raise ValueError(f'x_pos has shape {list(x_pos.shape)}, expected [N, {self.pos_channels}, {x.shape[2]}, {x.shape[3]}]')
         check_patch_size(self.model.channel_mult, tuple(x.shape[2:]))
 
+    def float_inputs(self, x: torch.Tensor, sigma: Union[torch.Tensor, float], class_labels: Optional[torch.Tensor]):
+        """(x, sigma [N, 1, 1, 1], class labels or None) in float32; missing labels of a conditional net are zeros."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
         if self.label_dim == 0:
@@ -555,12 +551,37 @@ class _Precond(torch.nn.Module):
             class_labels = torch.zeros([1, self.label_dim], device=x.device)
         else:
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        dtype = self.model_dtype(x.device, force_fp32)
+        return x, sigma, class_labels
 
+    @staticmethod
+    def with_coordinates(x_in: torch.Tensor, x_pos: Optional[torch.Tensor]) -> torch.Tensor:
+        """The network input: the scaled image, then the coordinate channels unscaled (if any)."""
+        return x_in if x_pos is None else torch.cat([x_in, x_pos.to(torch.float32)], dim=1)
+
+
+class _Precond(PrecondBase):
+    """Shared part of EDM's preconditioners: builds the network and runs D(x; sigma) from c_skip, c_out, c_in, c_noise."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool, use_bf16: bool,
+                 model_type: str, pos_channels: int, latent: Optional[dict], model_kwargs: dict, out_factor: int = 1):
+        if model_type not in MODELS:
+            raise ValueError(f'unknown model_type "{model_type}", expected one of {sorted(MODELS)}')
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_bf16, pos_channels, latent)
+        self.model = MODELS[model_type](img_resolution=img_resolution, in_channels=img_channels + pos_channels,
+                                        out_channels=img_channels * out_factor, label_dim=label_dim, **model_kwargs)
+
+    def scalings(self, sigma: torch.Tensor):
+        """Return (c_skip, c_out, c_in, c_noise) for noise levels sigma of shape [N, 1, 1, 1]."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, sigma: Union[torch.Tensor, float], x_pos: Optional[torch.Tensor] = None,
+                class_labels: Optional[torch.Tensor] = None, force_fp32: bool = False, **model_kwargs) -> torch.Tensor:
+        """Denoise x (image channels only) at noise level sigma; x_pos holds the patch's pixel coordinates."""
+        self.check_inputs(x, x_pos)
+        x, sigma, class_labels = self.float_inputs(x, sigma, class_labels)
+        dtype = self.model_dtype(x.device, force_fp32)
         c_skip, c_out, c_in, c_noise = self.scalings(sigma)
-        x_in = c_in * x
-        if x_pos is not None:
-            x_in = torch.cat([x_in, x_pos.to(torch.float32)], dim=1)
+        x_in = self.with_coordinates(c_in * x, x_pos)
         F_x = self.model(x_in.to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)  # iDDPM's extra (variance) channels unused
 

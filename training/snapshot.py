@@ -14,7 +14,7 @@ import torch
 import dnnlib
 from torch_utils import persistence
 from torch_utils.safe_unpickle import NUMPY_GLOBALS, Persisted, UnsafePickleError, loads, named_tensors
-from training import networks
+from training import networks, networks_edm2
 
 
 class SnapshotError(ValueError):
@@ -44,7 +44,8 @@ def save_network_snapshot(path_stem: str, data: Dict[str, Any]) -> None:
     """Write `<stem>.pkl` (EDM layout, classes with their source) and `<stem>.pt` (weights-only) for `data['ema']`."""
     atomic_write(path_stem + '.pkl', lambda f: pickle.dump(data, f))
     ema = data['ema']
-    weights = dict(class_name=f'training.networks.{type(ema).__name__}', init_kwargs=ema.init_kwargs,
+    name = type(ema).__name__  # its module may be one rebuilt from a pickle's source: named by where ours live
+    weights = dict(class_name=OWN_NAMES.get(name, f'{type(ema).__module__}.{name}'), init_kwargs=ema.init_kwargs,
                    state_dict={k: v.detach().cpu() for k, v in ema.state_dict().items()})
     atomic_write(path_stem + '.pt', lambda f: torch.save(weights, f))
 
@@ -64,10 +65,10 @@ def load_network(path_or_url: str, device: torch.device = torch.device('cpu')) -
     if zipfile.is_zipfile(io.BytesIO(data)):
         try:
             weights = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
-            module, _, name = str(weights['class_name']).rpartition('.')
-            if module != 'training.networks' or name not in PRECONDS:  # the file names the class: only ours are built
+            cls = OWN_CLASSES.get(str(weights['class_name']))  # the file names the class: only ours are built
+            if cls is None:
                 raise SnapshotError(f'{path_or_url}: its class_name {weights["class_name"]!r} is not one of this project\'s networks')
-            net = getattr(networks, name)(**weights['init_kwargs'])
+            net = cls(**weights['init_kwargs'])
             net.load_state_dict(weights['state_dict'])
         except SnapshotError:
             raise
@@ -83,25 +84,31 @@ def load_network(path_or_url: str, device: torch.device = torch.device('cpu')) -
         ema = snapshot.get('ema') if isinstance(snapshot, dict) else None
         if not isinstance(ema, Persisted):
             raise SnapshotError(f'{path_or_url}: not a network snapshot (no persistent "ema" network)')
-        net = network_from_persisted(ema, path_or_url)
+        net = network_from_persisted(ema, path_or_url, snapshot.get('encoder'))
     return net.eval().requires_grad_(False).to(device)
 
 
-EDM_VERSION = 6  # the persistence format version of EDM's and the official Patch Diffusion code's pickles
+EDM_VERSION = 6  # the persistence format version of EDM's, EDM2's and the official Patch Diffusion code's pickles
 PRECONDS = ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond')
+OWN_CLASSES = {**{f'training.networks.{name}': getattr(networks, name) for name in PRECONDS},
+               'training.networks_edm2.EDM2Precond': networks_edm2.EDM2Precond}  # by module and name, as .pt files give them
+_OWN_BY_NAME = {cls.__name__: cls for cls in OWN_CLASSES.values()}
+OWN_NAMES = {cls.__name__: full_name for full_name, cls in OWN_CLASSES.items()}
 
 
-def network_from_persisted(record: Persisted, path: str) -> torch.nn.Module:
-    """This project's network for a pickled EDM, Patch Diffusion or own preconditioner, with the pickled weights.
+def network_from_persisted(record: Persisted, path: str, encoder: Any = None) -> torch.nn.Module:
+    """This project's network for a pickled EDM, EDM2, Patch Diffusion or own preconditioner, with the pickled weights.
 
-    EDM's classes take no coordinate channels (pos_channels=0). The official Patch_EDMPrecond counts the two coordinate
-    channels in img_channels and names the image channels out_channels: here they are img_channels and pos_channels.
+    EDM's and EDM2's classes take no coordinate channels (pos_channels=0); EDM2's float16 weights stay float16, and
+    its snapshot's `encoder` gives the latent normalisation (edm2_latent). The official Patch_EDMPrecond counts the two
+    coordinate channels in img_channels and names the image channels out_channels: here they are img_channels and
+    pos_channels.
     """
     name, kwargs = record.class_name, record.init_kwargs
     if record.init_args:
         raise SnapshotError(f'{path}: {name} was built with positional arguments, which no known network uses')
-    if record.version == persistence.VERSION and name in PRECONDS:
-        cls = getattr(networks, name)
+    if record.version == persistence.VERSION and name in _OWN_BY_NAME:
+        cls = _OWN_BY_NAME[name]
     elif record.version == EDM_VERSION and name in PRECONDS:
         cls = getattr(networks, name)
         kwargs['pos_channels'] = 0
@@ -109,15 +116,37 @@ def network_from_persisted(record: Persisted, path: str) -> torch.nn.Module:
         cls = networks.EDMPrecond
         out_channels = kwargs.pop('out_channels', None) or kwargs['img_channels']
         kwargs.update(img_channels=out_channels, pos_channels=kwargs['img_channels'] - out_channels)
+    elif record.version == EDM_VERSION and name == 'Precond':
+        cls = networks_edm2.EDM2Precond
+        kwargs.update(pos_channels=0, latent=edm2_latent(encoder, path))
     else:
         raise SnapshotError(f'{path}: its network is a {name} (persistence format version {record.version}); known are '
-                            f'{", ".join(PRECONDS)} and Patch_EDMPrecond of format {EDM_VERSION}, and ours of format {persistence.VERSION}')
+                            f'{", ".join(PRECONDS)}, Patch_EDMPrecond and EDM2\'s Precond of format {EDM_VERSION}, and ours of '
+                            f'format {persistence.VERSION}')
+    tensors = dict(named_tensors(record))
     try:
         net = cls(**kwargs)
-        net.load_state_dict(dict(named_tensors(record)))
+        net.load_state_dict(tensors)
     except (TypeError, ValueError, RuntimeError, KeyError) as err:
         raise SnapshotError(f'{path}: its {name} does not fit this project\'s {cls.__name__} ({type(err).__name__}: {err})'.split('\n')[0]) from None
+    stored = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if cls is networks_edm2.EDM2Precond and stored == {torch.float16}:
+        net.half()  # EDM2 runs its float16 EMA as stored; a few scalars (gain / sqrt(fan_in)) then round in float16 too
     return net
+
+
+def edm2_latent(encoder: Any, path: str) -> Optional[dict]:
+    """The `latent` setting for an EDM2 snapshot's encoder: None for pixels (StandardRGBEncoder, or no encoder), for
+    StabilityVAEEncoder its VAE and per-channel normalisation, final latents = raw latents * scale + bias."""
+    name = encoder.class_name if isinstance(encoder, Persisted) else None
+    if encoder is None or name == 'StandardRGBEncoder':
+        return None
+    if name != 'StabilityVAEEncoder':
+        raise SnapshotError(f'{path}: its encoder is a {name or type(encoder).__name__}; known are EDM2\'s StandardRGBEncoder '
+                            'and StabilityVAEEncoder')
+    state = encoder.state
+    per_channel = lambda key: [float(v) for v in np.ravel(state[key])]  # noqa: E731
+    return dict(vae=str(state['vae_name']), scale=per_channel('scale'), bias=per_channel('bias'))
 
 
 # What a training state holds besides tensors and plain containers: numpy arrays and scalars of the RNG states.
