@@ -22,9 +22,9 @@ from training.latents import SD_SCALE, SD_VAE, LatentError, vae_config, vae_shap
 from training.networks import check_patch_size
 from training.patch import PatchSchedule
 from training.phema import sigma_rel_to_gamma
-from training.presets import apply_defaults, training_preset
+from training.presets import apply_defaults, preset_refusal, training_preset
 from training.snapshot import SnapshotError, atomic_write, load_state, newest_state
-from training.training_loop import CUBLAS_WORKSPACE_CONFIG, LOSS_NORMS, split_batch, state_loss_norm, training_loop
+from training.training_loop import CUBLAS_WORKSPACE_CONFIG, LOSS_NORMS, LR_DECAYS, split_batch, state_loss_norm, training_loop
 
 def parse_int_list(value: Optional[str]) -> Optional[list]:
     """'1,2,2' -> [1, 2, 2]."""
@@ -86,37 +86,19 @@ def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, worl
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=opts.device != 'cpu', num_workers=opts.workers,
                                            prefetch_factor=2 * max_multiplier if opts.workers > 0 else None,
                                            persistent_workers=opts.workers > 0)
-    precond = dict(edm='EDMPrecond', vp='VPPrecond', ve='VEPrecond')[opts.precond]
-    loss = dict(edm='EDMLoss', vp='VPLoss', ve='VELoss')[opts.precond]
-    c.network_kwargs = dnnlib.EasyDict(class_name=f'training.networks.{precond}', pos_channels=2 if opts.patch == 'on' else 0)
-    if opts.arch == 'ddpmpp':
-        c.network_kwargs.update(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
-                                channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2])
-    elif opts.arch == 'ncsnpp':
-        c.network_kwargs.update(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
-                                channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2])
-    else:
-        c.network_kwargs.update(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4])
-    if opts.cbase is not None:
-        c.network_kwargs.model_channels = opts.cbase
-    if opts.cres is not None:
-        c.network_kwargs.channel_mult = parse_int_list(opts.cres)
-    if opts.blocks is not None:
-        c.network_kwargs.num_blocks = opts.blocks
-    if opts.attn is not None:
-        c.network_kwargs.attn_resolutions = parse_int_list(opts.attn)
-    # use_fp16/use_bf16 make the EMA in the snapshots sample in reduced precision, as in EDM; training itself runs
-    # the network under torch.autocast (see `precision`), which keeps the weights float32.
-    c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16, use_bf16=opts.bf16, attn_impl=opts.attn_impl)
-    if opts.cond:
-        c.network_kwargs.label_dropout = opts.label_dropout
+    check_edm2_options(opts)
+    c.network_kwargs = network_config(opts)
+    loss = dict(edm='EDMLoss', vp='VPLoss', ve='VELoss', edm2='EDM2Loss')[opts.precond]
     c.loss_kwargs = dnnlib.EasyDict(class_name=f'training.loss.{"Patch" if opts.patch == "on" else ""}{loss}')
     for flag, name, value in (('--p-mean', 'P_mean', opts.p_mean), ('--p-std', 'P_std', opts.p_std)):
         if value is not None:
-            if opts.precond != 'edm':
-                raise click.BadParameter(f'sets the log-normal noise levels of --precond=edm, not {opts.precond}', param_hint=flag)
+            if opts.precond not in ('edm', 'edm2'):
+                raise click.BadParameter(f'sets the log-normal noise levels of --precond=edm2 and --precond=edm, not {opts.precond}',
+                                         param_hint=flag)
             c.loss_kwargs[name] = value
-    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8, fused=True)
+    # EDM2 trains with Adam betas (0.9, 0.99) (its training_loop.py), EDM with (0.9, 0.999); eps 1e-8 in both.
+    betas = [0.9, 0.99] if opts.precond == 'edm2' else [0.9, 0.999]
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=betas, eps=1e-8, fused=True)
     c.augment_kwargs = None
     if opts.augment:
         c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment, xflip=1e8, yflip=1,
@@ -125,7 +107,8 @@ def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, worl
     c.patch_kwargs = dnnlib.EasyDict(real_p=opts.real_p, mode='progressive' if opts.progressive else 'stochastic') \
         if opts.patch == 'on' else None
     c.update(total_kimg=opts.duration * 1000, ema_halflife_kimg=opts.ema * 1000, ema_rampup_ratio=opts.ema_rampup,
-             lr_rampup_kimg=opts.lr_rampup * 1000, lr_cooldown=opts.lr_cooldown, batch_size=opts.batch, batch_gpu=opts.batch_gpu,
+             lr_rampup_kimg=opts.lr_rampup * 1000, lr_cooldown=opts.lr_cooldown, lr_decay=opts.lr_decay,
+             lr_ref_batches=opts.lr_ref_batches, batch_size=opts.batch, batch_gpu=opts.batch_gpu,
              precision='bf16' if opts.bf16 else 'fp16' if opts.fp16 else 'fp32',
              loss_scaling=opts.ls if opts.ls is not None else 2.0 ** 16 if opts.fp16 else 1,
              compile_kwargs=dnnlib.EasyDict(dynamic=False) if opts.compile else None, channels_last=opts.channels_last,
@@ -141,6 +124,50 @@ def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, worl
     c.desc = (f'{dataset_name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{opts.precond}-{patch}'
               f'-gpus{world_size}-batch{opts.batch}-{c.precision}') + (f'-{opts.desc}' if opts.desc else '')
     return c
+
+
+EDM2_UNET = dict(model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[16, 8])  # EDM2's UNet defaults
+
+
+def network_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
+    """network_kwargs for --arch/--precond, with --cbase/--cres/--blocks/--attn/--dropout and the precision flags."""
+    kwargs = dnnlib.EasyDict(pos_channels=2 if opts.patch == 'on' else 0)
+    if opts.arch == 'edm2':
+        kwargs.update(class_name='training.networks_edm2.EDM2Precond', **EDM2_UNET)
+    else:
+        precond = dict(edm='EDMPrecond', vp='VPPrecond', ve='VEPrecond')[opts.precond]
+        kwargs.update(class_name=f'training.networks.{precond}', attn_impl=opts.attn_impl)
+    if opts.arch == 'ddpmpp':
+        kwargs.update(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                      channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2])
+    elif opts.arch == 'ncsnpp':
+        kwargs.update(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
+                      channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2])
+    elif opts.arch == 'adm':
+        kwargs.update(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4])
+    for flag, name, value in (('cbase', 'model_channels', opts.cbase), ('cres', 'channel_mult', parse_int_list(opts.cres)),
+                              ('blocks', 'num_blocks', opts.blocks), ('attn', 'attn_resolutions', parse_int_list(opts.attn))):
+        if value is not None:
+            kwargs[name] = value
+    # use_fp16/use_bf16 make the EMA in the snapshots sample in reduced precision, as in EDM; training itself runs
+    # the network under torch.autocast (see `precision`), which keeps the weights float32.
+    kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16, use_bf16=opts.bf16)
+    if opts.cond and opts.arch != 'edm2':
+        kwargs.label_dropout = opts.label_dropout
+    return kwargs
+
+
+def check_edm2_options(opts: dnnlib.EasyDict) -> None:
+    """Raise a click error when --arch=edm2 and --precond=edm2 do not come together, or edm2 meets --augment or --label-dropout."""
+    if (opts.arch == 'edm2') != (opts.precond == 'edm2'):
+        flag, value = ('--precond', opts.precond) if opts.arch == 'edm2' else ('--arch', opts.arch)
+        raise click.BadParameter(f'EDM2\'s network and loss go together: --arch=edm2 needs --precond=edm2 and back, not {value}',
+                                 param_hint=flag)
+    if opts.arch == 'edm2' and opts.augment:
+        raise click.BadParameter('EDM2 networks take no augmentation labels; --arch=edm2 needs --augment=0', param_hint='--augment')
+    if opts.arch == 'edm2' and opts.cond and opts.label_dropout:
+        raise click.BadParameter('EDM2 networks have no label dropout (EDM2 guides with a separate network, as in autoguidance)',
+                                 param_hint='--label-dropout')
 
 
 def dataset_class(opts: dnnlib.EasyDict) -> str:
@@ -252,11 +279,11 @@ def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]
 @click.option('--outdir', help='Where to save the results', metavar='DIR', required=True)
 @click.option('--data', help='Path to the data set (folder or zip)', metavar='ZIP|DIR', required=True)
 @click.option('--cond', help='Train class-conditional model', type=bool, default=False, show_default=True)
-@click.option('--arch', help='Network architecture', type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
-@click.option('--precond', help='Preconditioning & loss function', type=click.Choice(['edm', 'vp', 've']), default='edm', show_default=True)
+@click.option('--arch', help='Network architecture', type=click.Choice(['ddpmpp', 'ncsnpp', 'adm', 'edm2']), default='ddpmpp', show_default=True)
+@click.option('--precond', help='Preconditioning & loss function', type=click.Choice(['edm', 'vp', 've', 'edm2']), default='edm', show_default=True)
 @click.option('--patch', help='Patch Diffusion (on) or the plain EDM baseline (off)', type=click.Choice(['on', 'off']), default='on', show_default=True)
-@click.option('--p-mean', help='Mean of ln(sigma) in training (--precond=edm)  [default: -1.2, as in EDM]', metavar='FLOAT', type=float)
-@click.option('--p-std', help='Standard deviation of ln(sigma) in training (--precond=edm)  [default: 1.2, as in EDM]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--p-mean', help='Mean of ln(sigma) in training (--precond=edm, edm2)  [default: -1.2 as in EDM, -0.4 as in EDM2]', metavar='FLOAT', type=float)
+@click.option('--p-std', help='Standard deviation of ln(sigma) in training (--precond=edm, edm2)  [default: 1.2 as in EDM, 1.0 as in EDM2]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--real_p', help='Share of full-size images per step', type=click.FloatRange(0, 1), default=0.5, show_default=True)
 @click.option('--loss-norm', help='Weight of a patch step: per image (EDM, official code) or per pixel (every step equal)', type=click.Choice(LOSS_NORMS), default='pixel', show_default=True)
 @click.option('--progressive', help='Progressive patch schedule (small first)', type=bool, default=False, show_default=True)
@@ -273,7 +300,9 @@ def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]
 @click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
 @click.option('--lr-rampup', help='Learning-rate ramp-up', metavar='MIMG', type=click.FloatRange(min=0), default=10, show_default=True)
 @click.option('--lr-cooldown', help='Share of --duration at the end over which the learning rate decays linearly to 0', metavar='FLOAT', type=click.FloatRange(0, 1), default=0, show_default=True)
-@click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
+@click.option('--lr-decay', help='After the ramp-up: constant, or EDM2\'s lr / sqrt(max(t / t_ref, 1))', type=click.Choice(LR_DECAYS), default='none', show_default=True)
+@click.option('--lr-ref-batches', help='t_ref of --lr-decay=inv-sqrt, in steps of --batch full images (EDM2: 70000 at 512, 35000 at 64)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=70000, show_default=True)
+@click.option('--ema', help='EMA half-life (0: the snapshots hold the trained weights, as EDM2\'s without an EMA)', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--ema-rampup', help='EMA ramp-up ratio', metavar='FLOAT', type=click.FloatRange(min=0), default=0.05, show_default=True)
 @click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.13, show_default=True)
 @click.option('--label-dropout', help='Label dropout, for classifier-free guidance (with --cond; EDM and the official code use none)', metavar='FLOAT', type=click.FloatRange(0, 1), default=0, show_default=True)
@@ -310,6 +339,8 @@ def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]
 def main(ctx: click.Context, **kwargs) -> None:
     """Train a diffusion model on random patches (Patch Diffusion) or on whole images (EDM)."""
     opts = resolve_options(ctx, kwargs)
+    if opts.preset and preset_refusal(opts.preset):
+        raise click.BadParameter(preset_refusal(opts.preset), param_hint='--preset')
     device = distributed.init(opts.device)
     if opts.deterministic and device.type == 'cuda':
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_WORKSPACE_CONFIG)  # cuBLAS reads it once, at its first call

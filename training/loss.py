@@ -1,7 +1,7 @@
 """Denoising score-matching losses: EDM, VP and VE, on whole images or on random patches.
 
 The losses differ only in how they draw the noise level sigma and the weight
-(`noise_level`). The Patch* variants crop one random patch per sample after
+(`noise_level`); EDM2's also learns the uncertainty of the error per noise level (`weighted_error`). The Patch* variants crop one random patch per sample after
 augmentation and give the network the patch's pixel coordinates (x_pos); the plain
 variants train on whole images and call the network without x_pos, as EDM does.
 Each call returns the per-element loss [N, C, s, s]; the training loop reduces it.
@@ -38,8 +38,12 @@ class DenoisingLoss:
             raise ValueError(f'{type(self).__name__} trains on whole images: patch_size must be None or {resolution}, got {patch_size}; use a Patch* loss')
         sigma, weight = self.noise_level(y.shape[0], y.device, generator)
         n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype) * sigma
-        D_yn = net(y + n, sigma, class_labels=labels, augment_labels=augment_labels, **net_kwargs)
-        # The network may also return its coordinate channels; only image channels are denoised.
+        return self.weighted_error(net, y, y + n, sigma, weight, class_labels=labels, augment_labels=augment_labels, **net_kwargs)
+
+    def weighted_error(self, net: Callable, y: torch.Tensor, y_noisy: torch.Tensor, sigma: torch.Tensor,
+                       weight: torch.Tensor, **net_kwargs) -> torch.Tensor:
+        """weight * (D(y_noisy) - y)^2 per element; the network may also return its coordinate channels, which are not scored."""
+        D_yn = net(y_noisy, sigma, **net_kwargs)
         return weight * (D_yn[:, :y.shape[1]] - y) ** 2
 
 #----------------------------------------------------------------------------
@@ -92,6 +96,23 @@ class VELoss(DenoisingLoss):
         sigma = self.sigma_min * (self.sigma_max / self.sigma_min) ** rnd_uniform
         return sigma, 1 / sigma ** 2
 
+@persistence.persistent_class
+class EDM2Loss(EDMLoss):
+    """EDM2's loss with learned uncertainty (Karras et al. 2024, eq. 21): weight / exp(u) * (D - y)^2 + u per element.
+
+    u = logvar(sigma) [N, 1, 1, 1] comes from the network (EDM2Precond, return_logvar=True); EDM's weight and
+    log-normal sigma with EDM2's defaults. EDM2 networks take no augmentation labels.
+    """
+
+    def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, sigma_data: float = 0.5):
+        super().__init__(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
+
+    def weighted_error(self, net, y, y_noisy, sigma, weight, augment_labels=None, **net_kwargs):
+        if augment_labels is not None:
+            raise ValueError('EDM2 networks take no augmentation labels: train them without augmentation (--augment=0)')
+        D_yn, logvar = net(y_noisy, sigma, return_logvar=True, **net_kwargs)
+        return weight / logvar.exp() * (D_yn[:, :y.shape[1]] - y) ** 2 + logvar
+
 #----------------------------------------------------------------------------
 # Patch Diffusion: the same losses on random patches with coordinate channels.
 
@@ -108,6 +129,11 @@ class PatchVPLoss(VPLoss):
 @persistence.persistent_class
 class PatchVELoss(VELoss):
     """VE loss on random patches; the network gets the patch coordinates as x_pos."""
+    patches = True
+
+@persistence.persistent_class
+class PatchEDM2Loss(EDM2Loss):
+    """EDM2 loss on random patches; the network gets the patch coordinates as x_pos."""
     patches = True
 
 #----------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""Named settings in configs/NAME.json: train.py options, plus an optional "sampling" entry for generate.py and fid.py."""
+"""Named settings in configs/NAME.json: train.py options, plus an optional "sampling" entry for generate.py and fid.py
+and an optional "unsupported" entry, a message with which train.py refuses the preset."""
 
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import click
 
@@ -23,9 +24,17 @@ def read_preset(name: str) -> Dict[str, Any]:
         return json.load(f)
 
 
+NOT_OPTIONS = ('notes', 'sampling', 'unsupported')  # preset entries that are not train.py options
+
+
 def training_preset(name: str) -> Dict[str, Any]:
-    """The train.py options of a preset (without its notes and sampling settings)."""
-    return {k: v for k, v in read_preset(name).items() if k not in ('notes', 'sampling')}
+    """The train.py options of a preset (without its notes, sampling settings and refusal)."""
+    return {k: v for k, v in read_preset(name).items() if k not in NOT_OPTIONS}
+
+
+def preset_refusal(name: str) -> Optional[str]:
+    """Why train.py refuses to train a preset (its "unsupported" entry: a recipe this code base cannot run yet), or None."""
+    return read_preset(name).get('unsupported')
 
 
 def sampling_preset(name: str) -> Dict[str, Any]:

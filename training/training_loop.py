@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 import random
 import time
@@ -25,6 +26,7 @@ from training.sampler import generate_images
 
 AUTOCAST_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # training precision -> autocast dtype
 LOSS_NORMS = ('image', 'pixel')  # a step's loss: summed over pixels per image, or that times (R/s)^2 (see optimizer_step)
+LR_DECAYS = ('none', 'inv-sqrt')  # after the ramp-up: constant (then --lr-cooldown), or EDM2's 1/sqrt(t / t_ref)
 CUBLAS_WORKSPACE_CONFIG = ':4096:8'  # a fixed cuBLAS workspace, which deterministic cuBLAS results need (CUDA >= 10.2)
 
 
@@ -269,6 +271,27 @@ def ramped_lr(base_lr: float, cur_nimg: int, rampup_kimg: float, total_kimg: flo
     return lr
 
 
+def lr_decay_factor(decay: str, full_nimg: float, ref_nimg: float) -> float:
+    """The decay after the ramp-up: 1 for 'none'; for 'inv-sqrt' EDM2's 1 / sqrt(max(t / t_ref, 1)) with t = full_nimg.
+
+    full_nimg counts full-image equivalents (images x (s/R)^2, see step_full_nimg), and ref_nimg = ref_batches x batch.
+    """
+    if decay not in LR_DECAYS:
+        raise ValueError(f'lr decay must be one of {LR_DECAYS}, got {decay!r}')
+    if decay == 'none' or ref_nimg <= 0:
+        return 1.0
+    return 1 / math.sqrt(max(full_nimg / ref_nimg, 1))
+
+
+def step_full_nimg(batch_size: int, multiplier: int, size: int, resolution: int) -> float:
+    """A step's full-image equivalents for the lr decay: batch x multiplier x (s/R)^2, its pixels over R^2.
+
+    A full-image step counts its batch, as in EDM2; a step of s x s patches counts in proportion to its compute, so that
+    a patch run and a full-image run have the same lr after the same compute (docs/how_it_works.md).
+    """
+    return batch_size * multiplier * (size / resolution) ** 2
+
+
 def ema_beta(cur_nimg: int, step_nimg: int, halflife_kimg: float, rampup_ratio: Optional[float]) -> float:
     """EDM's EMA decay for a step of `step_nimg` images taken at `cur_nimg`: a half-life in images, capped by the ramp-up."""
     halflife_nimg = halflife_kimg * 1000
@@ -295,6 +318,8 @@ def training_loop(
     ema_rampup_ratio: Optional[float] = 0.05,
     lr_rampup_kimg: float = 10000,
     lr_cooldown: float = 0,                   # share of total_kimg at the end over which the lr decays linearly to 0
+    lr_decay: str = 'none',                   # 'inv-sqrt': EDM2's lr / sqrt(max(t / t_ref, 1)); see lr_decay_factor
+    lr_ref_batches: float = 0,                # t_ref = lr_ref_batches x batch_size full-image equivalents
     precision: str = 'fp32',                  # 'fp32', 'bf16' (autocast) or 'fp16' (autocast and a GradScaler)
     loss_scaling: float = 1,                  # the GradScaler's initial scale with fp16, else a constant loss factor
     compile_kwargs: Optional[dict] = None,    # torch.compile options for the training network; None runs it eagerly
@@ -367,6 +392,7 @@ def training_loop(
         misc.print_module_summary(net, _summary_inputs(net, batch_gpu, resolution, device))
 
     cur_nimg = cur_tick = 0
+    full_nimg = 0.0  # full-image equivalents trained on, the lr decay's t
     if transfer and state is None:
         distributed.print0(f'Transferring weights from "{transfer}"...')
         source = snapshot.load_network(transfer)
@@ -394,6 +420,7 @@ def training_loop(
         if scaler is not None and state.get('scaler'):
             scaler.load_state_dict(state['scaler'])
         cur_nimg, cur_tick = state['cur_nimg'], state['cur_tick']
+        full_nimg = state.get('full_nimg', float(cur_nimg))  # states from before the lr decay: exact for full-image runs
         if schedule is not None:
             schedule.load_state_dict(state['schedule'])
         if len(state['rng']) == world_size:
@@ -436,7 +463,8 @@ def training_loop(
         while True:
             size = schedule.sample(progress=min(cur_nimg / max(total_nimg, 1), 1)) if schedule else resolution
             multiplier = schedule.batch_multiplier(size) if schedule else 1
-            lr = ramped_lr(optimizer_kwargs['lr'], cur_nimg, lr_rampup_kimg, total_kimg, lr_cooldown)
+            lr = ramped_lr(optimizer_kwargs['lr'], cur_nimg, lr_rampup_kimg, total_kimg, lr_cooldown) \
+                * lr_decay_factor(lr_decay, full_nimg, lr_ref_batches * batch_size)
             step_start = time.perf_counter()
             optimizer_step(ddp, optimizer, loss_fn, batches.next_round, size, multiplier, num_rounds, lr,
                            augment_pipe=augment_pipe, loss_scaling=loss_scaling, scaler=scaler,
@@ -450,6 +478,7 @@ def training_loop(
             if phema is not None:
                 phema.update(net, cur_nimg, step_nimg)  # t counts images, as cur_nimg does
             cur_nimg += step_nimg
+            full_nimg += step_full_nimg(batch_size, multiplier, size, resolution)
             training_stats.report('Patch/size', float(size))
 
             done = cur_nimg >= total_nimg
@@ -500,7 +529,8 @@ def training_loop(
                     snapshot.save_state(os.path.join(run_dir, f'training-state-{stem}.pt'), dict(
                         net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                         scaler=scaler.state_dict() if scaler is not None else None,
-                        cur_nimg=cur_nimg, cur_tick=cur_tick + 1, consumed=consumed, rng=rng, seed=seed, loss_norm=loss_norm,
+                        cur_nimg=cur_nimg, full_nimg=full_nimg, cur_tick=cur_tick + 1, consumed=consumed, rng=rng, seed=seed,
+                        loss_norm=loss_norm,
                         schedule=schedule.state_dict() if schedule else None,
                         **(dict(phema=phema.state_dict()) if phema is not None else {})))
             distributed.update_progress(cur_nimg // 1000, total_kimg)
