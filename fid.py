@@ -4,6 +4,7 @@ Examples (torchrun needs `--` before the script: otherwise it takes --num for an
   python fid.py ref --data=datasets/shapes-16x16.zip --dest=fid-refs/shapes-16x16.npz
   torchrun --standalone --nproc_per_node=8 -- fid.py calc --images=fid-tmp --ref=fid-refs/shapes-16x16.npz --num=50000
   torchrun --standalone --nproc_per_node=8 -- fid.py calc --network=snap.pkl --ref=fid-refs/shapes-16x16.npz --num=50000
+  python fid.py calc --network=big.pkl --guide=small.pkl --guidance=2 --ref=fid-refs/shapes-16x16.npz --num=10000  # autoguidance
   python fid.py calc --images=fid-tmp --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz  # FID only
   python fid.py calc --images=fid-tmp --ref=fid-refs/shapes-16x16.npz --detector=inception-offline  # no download
   python fid.py demo --network=demo-run --fid-data=datasets/shapes-16x16.zip  # the quick start's scores
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import dnnlib
-from generate import open_decoder, parse_int_list, resolve_sampling, sampling_options
+from generate import open_decoder, open_guide, parse_int_list, resolve_sampling, sampling_options
 from torch_utils import distributed
 from training import demo_shapes
 from training.dataset import DatasetError, ImageFolderDataset
@@ -347,6 +348,7 @@ def calc(ctx: click.Context, image_path: Optional[str], network_path: Optional[s
         batches = dataset_batches(open_dataset(image_path, num, seed, '--images'), batch_size, workers)
     else:
         net = _open_network(network_path, torch_device, class_idx, sampler_kwargs['cfg'])
+        sampler_kwargs = open_guide(sampler_kwargs, net, torch_device, load=lambda path, dev: _rank0_first(load_network, path, dev))
         batches = network_batches(net, seed_list[:num], batch_size, torch_device, class_idx=class_idx,
                                   decoder=open_decoder(net, torch_device, vae), **sampler_kwargs)
     source = image_path or network_path

@@ -5,6 +5,7 @@ Examples:
   torchrun --standalone --nproc_per_node=8 generate.py --network=snap.pkl --outdir=fid-tmp --seeds=0-49999 --subdirs
   python generate.py --network=snap.pkl --seeds=0-7 --inpaint=photo.png --mask=hole.png --grid=inpainted.png
   python generate.py --network=snap.pkl --seeds=0-7 --outpaint=64x32 --inpaint=photo.png --grid=wide.png
+  python generate.py --network=big.pkl --guide=small-early.pkl --guidance=2 --seeds=0-63 --grid=autoguided.png
 """
 
 import os
@@ -22,7 +23,7 @@ from training.images import load_image, save_image_grid, save_png, to_pil
 from training.latents import LatentError, latent_decoder
 from training.patch import outpaint_grid
 from training.presets import apply_defaults, sampling_preset
-from training.sampler import SAMPLERS, generate_images
+from training.sampler import SAMPLERS, check_guide, generate_images
 from training.snapshot import SnapshotError, load_network
 
 
@@ -63,6 +64,24 @@ def open_decoder(net: torch.nn.Module, device: torch.device, vae: Optional[str])
         return latent_decoder(net, device, vae)
     except LatentError as err:
         raise click.BadParameter(str(err), param_hint='--vae')
+
+
+def open_guide(sampler_kwargs: dict, net: torch.nn.Module, device: torch.device, load: Callable = load_network) -> dict:
+    """sampler_kwargs with --guide's path replaced by its network (loaded with `load`), checked against --network and --cfg."""
+    path, guidance = sampler_kwargs.get('guide'), sampler_kwargs['guidance']
+    if path is None:
+        if guidance != 1:
+            raise click.BadParameter(f'--guidance={guidance} needs --guide NETWORK (the network that guides)', param_hint='--guidance')
+        return sampler_kwargs
+    if guidance != 1 and sampler_kwargs['cfg'] != 1:
+        raise click.UsageError(f'--cfg={sampler_kwargs["cfg"]} and --guidance={guidance}: classifier-free guidance and autoguidance '
+                               'cannot be combined; give --cfg=1 (a --preset may set --cfg)')
+    try:
+        guide = load(path, device)
+        check_guide(net, guide)
+    except (SnapshotError, ValueError) as err:
+        raise click.BadParameter(str(err).removeprefix('--network: '), param_hint='--guide')  # load_network's IOError names --network
+    return dict(sampler_kwargs, guide=guide)
 
 
 def painting_inputs(net: torch.nn.Module, inpaint: Optional[str], mask: Optional[str], outpaint: Optional[str],
@@ -113,6 +132,8 @@ SAMPLING_OPTIONS = [  # the sampler flags of generate.py, shared with fid.py cal
     click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True),
     click.option('--solver', help='ODE solver', type=click.Choice(['heun', 'euler']), default='heun', show_default=True),
     click.option('--cfg', help='Classifier-free guidance scale (conditional nets)', metavar='FLOAT', type=float, default=1.0, show_default=True),
+    click.option('--guide', help='Autoguidance: guide network (e.g. a smaller or less trained version of --network)', metavar='PKL|PT|URL|DIR'),
+    click.option('--guidance', help='Autoguidance strength W: D = D_guide + W (D_net - D_guide); 1 = off', metavar='FLOAT', type=float, default=1.0, show_default=True),
     click.option('--sampler', help='Named settings: edm (the flags\' defaults) or adm (256 steps, S_churn 40, S_min 0.05, S_max 50, S_noise 1.003)', type=click.Choice(sorted(SAMPLERS)), default='edm', show_default=True),
     click.option('--preset', help='Sampling defaults of configs/NAME.json, e.g. imagenet256-latent (cfg 1.3)', metavar='NAME'),
     click.option('--vae', help='Where to load a latent network\'s VAE from  [default: the one it was trained with]', metavar='DIR|HUB_ID'),
@@ -158,6 +179,7 @@ def main(ctx: click.Context, network_path: str, outdir: Optional[str], grid: Opt
         raise click.BadParameter(f'{class_idx}: the network has {net.label_dim} classes', param_hint='--class')
     if sampler_kwargs['cfg'] != 1 and not net.label_dim:
         raise click.BadParameter('guidance needs a class-conditional network', param_hint='--cfg')
+    sampler_kwargs = open_guide(sampler_kwargs, net, torch_device)
     if getattr(net, 'latent', None) and inpaint is not None:
         raise click.BadParameter('in- and outpainting work on pixels; this network generates VAE latents', param_hint='--inpaint')
     sampler_kwargs.update(painting_inputs(net, inpaint, mask, outpaint, torch_device))

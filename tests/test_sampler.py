@@ -159,6 +159,8 @@ def test_plain_net_is_called_without_x_pos():
     net = RecordingNet(pos_channels=0)
     edm_sampler(net, torch.randn([2, 1, 8, 8]), num_steps=3)
     assert len(net.calls) == 5 and all('x_pos' not in call for call in net.calls)
+    edm_sampler(net, torch.randn([2, 1, 12, 12]), num_steps=3, x_pos=outpaint_grid(8, 12, 12, top=2, left=2))  # outpainting
+    assert len(net.calls) == 10 and all('x_pos' not in call for call in net.calls)
 
 def test_explicit_x_pos_overrides():
     net = RecordingNet(pos_channels=2)
