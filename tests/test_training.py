@@ -487,8 +487,8 @@ def test_noise_level_flags_reach_the_edm_loss_only():
     import dnnlib
     from train import build_config, preset_options
     loss = dnnlib.util.construct_class_by_name(
-        **build_config(preset_options('demo', p_mean=-0.4, p_std=1.0), 'd', 16, world_size=1).loss_kwargs)
-    assert (loss.P_mean, loss.P_std) == (-0.4, 1.0)  # the flags override the demo preset's (-0.8, 1.6)
+        **build_config(preset_options('demo', p_mean=-0.6, p_std=1.0), 'd', 16, world_size=1).loss_kwargs)
+    assert (loss.P_mean, loss.P_std) == (-0.6, 1.0)  # the flags override the demo preset's (-0.4, 1.6)
     default = dnnlib.util.construct_class_by_name(**build_config(preset_options(), 'd', 16, world_size=1).loss_kwargs)
     assert (default.P_mean, default.P_std) == (-1.2, 1.2)  # EDM's
     with pytest.raises(click.BadParameter, match='--precond=edm, not vp'):
