@@ -285,12 +285,14 @@ def convert(source: str, dest: str, resolution: Optional[Tuple[int, int]], trans
 
 
 def encode_latents(source: str, dest: str, resolution: Optional[Tuple[int, int]], transform: Optional[str],
-                   max_images: Optional[int], vae: str, xflip: bool, batch_size: int, device: str, seed: int = 0,
-                   heldout: Optional[Tuple[float, str]] = None) -> Tuple[int, int]:
-    """Encode every image of `source` once with the VAE into a LatentFolderDataset at `dest` (moments, and of mirrors;
-    the held-out share likewise at heldout=(percent, dest)); returns the number of images written to each."""
+                   max_images: Optional[int], vae: Optional[str], xflip: bool, batch_size: int, device: str, seed: int = 0,
+                   heldout: Optional[Tuple[float, str]] = None, norm: str = 'sd') -> Tuple[int, int]:
+    """Encode every image of `source` once with the VAE (None: the normalisation's) into a LatentFolderDataset at `dest`
+    (moments, and of mirrors, with the latent normalisation `norm` recorded; the held-out share likewise at
+    heldout=(percent, dest)); returns the number of images written to each."""
+    setting = latents.latent_setting(norm, vae)
     try:
-        codec = latents.LatentCodec(vae, latents.SD_SCALE, distributed.choose_device(device))
+        codec = latents.LatentCodec.of(setting, distributed.choose_device(device))
     except (latents.LatentError, ValueError) as err:
         raise click.BadParameter(str(err), param_hint='--vae' if isinstance(err, latents.LatentError) else '--device')
 
@@ -307,7 +309,7 @@ def encode_latents(source: str, dest: str, resolution: Optional[Tuple[int, int]]
                 writer.write(f'{name}.npy', buffer.getvalue())
                 labels.append([f'{name}.npy', label])
         return labels
-    meta = dict(latents=dict(vae=vae, scale=latents.SD_SCALE, channels=codec.channels, factor=codec.factor, flips=xflip))
+    meta = dict(latents=dict(setting, channels=codec.channels, factor=codec.factor, flips=xflip))
     return _write_dataset(source, dest, resolution, transform, max_images, seed, write_moments, meta, heldout)
 
 
@@ -322,18 +324,20 @@ def encode_latents(source: str, dest: str, resolution: Optional[Tuple[int, int]]
 @click.option('--heldout-dest', metavar='DIR|ZIP', help='With --heldout: where the held-out images go (same format and transforms as --dest)')
 @click.option('--seed', type=int, default=0, show_default=True, help='Seed of the demo set')
 @click.option('--encode-latents', 'encode', is_flag=True, help='Write VAE latents (posterior mean and std) instead of PNGs, for train.py --latents')
-@click.option('--vae', default=latents.SD_VAE, show_default=True, metavar='DIR|HUB_ID', help='AutoencoderKL for --encode-latents')
+@click.option('--vae', metavar='DIR|HUB_ID', help=f'AutoencoderKL for --encode-latents  [default: {latents.SD_VAE}; {latents.EDM2_VAE} with --latent-norm=edm2]')
+@click.option('--latent-norm', 'norm', type=click.Choice(latents.LATENT_NORMS), default='sd', show_default=True,
+              help='With --encode-latents: sd (pixels in [-1, 1], scale 0.18215) or edm2 (EDM2\'s: pixels in [0, 1], per-channel scale and bias)')
 @click.option('--xflip', type=bool, default=False, show_default=True, help='With --encode-latents: also encode mirrored images')
 @click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=32, show_default=True, help='Images per VAE call')
 @click.option('--device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True, help='Where the VAE runs')
 def main(source: str, dest: str, resolution: Optional[str], transform: Optional[str], max_images: Optional[int],
-         heldout_percent: Optional[float], heldout_dest: Optional[str], seed: int, encode: bool, vae: str, xflip: bool,
-         batch_size: int, device: str) -> None:
+         heldout_percent: Optional[float], heldout_dest: Optional[str], seed: int, encode: bool, vae: Optional[str],
+         norm: str, xflip: bool, batch_size: int, device: str) -> None:
     """Convert images into a data set that train.py, fid.py and ImageFolderDataset read, or encode them into VAE latents."""
     heldout = parse_heldout(heldout_percent, heldout_dest, dest)
     if encode:
         num, num_heldout = encode_latents(source, dest, parse_resolution(resolution), transform, max_images, vae, xflip,
-                                          batch_size, device, seed, heldout)
+                                          batch_size, device, seed, heldout, norm)
         what = 'the latents of '
     else:
         num, num_heldout = convert(source, dest, parse_resolution(resolution), transform, max_images, seed, heldout)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import dnnlib
 from torch_utils import distributed
 from training.dataset import DatasetError, ImageFolderDataset
-from training.latents import SD_SCALE, SD_VAE, LatentError, vae_config, vae_shape
+from training.latents import EDM2_VAE, LATENT_NORMS, SD_VAE, LatentError, LatentNorm, latent_setting, vae_config, vae_shape
 from training.networks import check_patch_size
 from training.patch import PatchSchedule
 from training.phema import sigma_rel_to_gamma
@@ -80,7 +80,7 @@ def build_config(opts: dnnlib.EasyDict, dataset_name: str, resolution: int, worl
     if opts.latents or opts.latents_on_the_fly:
         c.latent_kwargs = dnnlib.EasyDict(on_the_fly=opts.latents_on_the_fly, vae=opts.vae)
         if opts.latents_on_the_fly:
-            c.latent_kwargs.update(vae=opts.vae or SD_VAE, scale=SD_SCALE)
+            c.latent_kwargs.update(on_the_fly_setting(opts))
     # A step at R//4 takes 4 loader batches at once, so each worker keeps two such steps' worth in flight.
     max_multiplier = 4 if opts.patch == 'on' else 1
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=opts.device != 'cpu', num_workers=opts.workers,
@@ -180,7 +180,7 @@ def patch_sizes(opts: dnnlib.EasyDict, dataset: ImageFolderDataset) -> List[int]
     resolution = dataset.resolution
     if opts.latents_on_the_fly:
         try:
-            resolution //= vae_shape(vae_config(opts.vae or SD_VAE))[1]
+            resolution //= vae_shape(vae_config(on_the_fly_setting(opts)['vae']))[1]
         except LatentError as err:
             raise click.BadParameter(str(err), param_hint='--vae')
     if opts.patch == 'off':
@@ -188,8 +188,23 @@ def patch_sizes(opts: dnnlib.EasyDict, dataset: ImageFolderDataset) -> List[int]
     return list(PatchSchedule(resolution, latent=bool(opts.latents or opts.latents_on_the_fly)).sizes)
 
 
+def on_the_fly_setting(opts: dnnlib.EasyDict) -> dict:
+    """The `latent` setting of --latents-on-the-fly: --latent-norm's (default sd) with --vae, else that normalisation's VAE."""
+    return latent_setting(opts.latent_norm or 'sd', opts.vae)
+
+
+def check_latent_norm(opts: dnnlib.EasyDict, dataset: ImageFolderDataset) -> None:
+    """Raise a click error when --data's pre-encoded latents were normalised otherwise than --latent-norm says."""
+    if opts.latents and opts.latent_norm and LatentNorm.of(dataset.latent) != LatentNorm.of(latent_setting(opts.latent_norm)):
+        raise click.BadParameter(f'{opts.data}: its latents were encoded for another normalisation than {opts.latent_norm}; '
+                                 f'encode them with dataset_tool.py --encode-latents --latent-norm={opts.latent_norm}',
+                                 param_hint='--latent-norm')
+
+
 def check_latent_options(opts: dnnlib.EasyDict) -> None:
     """Raise a click error for latent options that do not fit together."""
+    if opts.latent_norm and not (opts.latents or opts.latents_on_the_fly):
+        raise click.UsageError('--latent-norm needs --latents or --latents-on-the-fly')
     if opts.latents and opts.latents_on_the_fly:
         raise click.UsageError('--latents (pre-encoded data) and --latents-on-the-fly (images) exclude each other')
     if (opts.latents or opts.latents_on_the_fly) and opts.augment:
@@ -289,7 +304,8 @@ def choose_run_dir(outdir: str, desc: str, nosubdir: bool, resume: Optional[str]
 @click.option('--progressive', help='Progressive patch schedule (small first)', type=bool, default=False, show_default=True)
 @click.option('--latents', help='--data holds VAE latents (dataset_tool.py --encode-latents)', metavar='[BOOL]', type=bool, default=False, show_default=True, is_flag=False, flag_value=True)
 @click.option('--latents-on-the-fly', help='Encode --data\'s images with --vae at every step (the official code\'s way)', metavar='[BOOL]', type=bool, default=False, show_default=True, is_flag=False, flag_value=True)
-@click.option('--vae', help=f'AutoencoderKL for --latents-on-the-fly and previews  [default: {SD_VAE}, or the one that encoded --data]', metavar='DIR|HUB_ID')
+@click.option('--vae', help=f'AutoencoderKL for --latents-on-the-fly and previews  [default: the one that encoded --data, else {SD_VAE}, or {EDM2_VAE} for edm2]', metavar='DIR|HUB_ID')
+@click.option('--latent-norm', help='Latent normalisation: sd (pixels in [-1, 1], scale 0.18215) or edm2 (EDM2\'s: pixels in [0, 1], each channel to mean 0, std 0.5)  [default: the one --data was encoded for with --latents, else sd]', type=click.Choice(LATENT_NORMS))
 @click.option('--duration', help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
 @click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
 @click.option('--batch-gpu', help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
@@ -352,6 +368,7 @@ def main(ctx: click.Context, **kwargs) -> None:
         dataset = dnnlib.construct_class_by_name(class_name=dataset_class(opts), path=opts.data, use_labels=opts.cond)
     except DatasetError as err:
         raise click.BadParameter(str(err), param_hint='--data')
+    check_latent_norm(opts, dataset)
     if opts.cond and not dataset.has_labels:
         raise click.BadParameter(f'{opts.data}: --cond=True needs labels in dataset.json', param_hint='--cond')
     seed_given = opts.seed is not None

@@ -1,6 +1,8 @@
 """Latent Patch Diffusion with a tiny randomly initialised AutoencoderKL (no download): encode once, store, load, train,
 generate and decode; the pre-encoded and on-the-fly paths agree; guidance on a conditional latent model; and the clear
-messages when diffusers is missing or a VAE cannot be found."""
+messages when diffusers is missing or a VAE cannot be found. Without diffusers, with a stub VAE: the latent
+normalisations (Stable Diffusion's one scale, EDM2's per-channel scale and bias), EDM2 latent snapshots' decoding, and
+the edm2-img512-s preset."""
 
 import io
 import json
@@ -9,19 +11,22 @@ import subprocess
 import sys
 import zipfile
 
+import types
+
+import click
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
 import training_helpers as h
+from training import latents
 from training.dataset import DatasetError, ImageFolderDataset, LatentFolderDataset
-from training.latents import INSTALL_HINT, LatentCodec, LatentError, load_vae, sample_latents
+from training.latents import (EDM2_RAW_MEAN, EDM2_RAW_STD, INSTALL_HINT, UNIT, LatentCodec, LatentError, LatentNorm,
+                              latent_decoder, latent_setting, load_vae, sample_latents)
 from training.networks import EDMPrecond
 from training.patch import coordinate_grid
-from training.sampler import edm_sampler, generate_images
-
-pytest.importorskip('diffusers', reason='the latent path needs the optional extra: ' + INSTALL_HINT)
+from training.sampler import edm_sampler, generate_images, to_uint8
 
 RES = 32      # pixels
 FACTOR = 4    # the tiny VAE downsamples twice: 8x8x4 latents
@@ -31,6 +36,7 @@ NUM = 24
 @pytest.fixture(scope='module')
 def files(tmp_path_factory) -> dict:
     """A tiny VAE saved like a hub download, a labelled noise-image zip (no symmetry, so flips matter), its latents."""
+    pytest.importorskip('diffusers', reason='the latent path needs the optional extra: ' + INSTALL_HINT)
     from diffusers import AutoencoderKL
     root = tmp_path_factory.mktemp('latent')
     torch.manual_seed(0)
@@ -130,17 +136,22 @@ def test_pre_encoded_and_on_the_fly_give_the_same_latents(files):
     assert not torch.allclose(flipped_moments, torch.from_numpy(stored[1][0]).flip(2), atol=1e-3)
 
 
-def test_training_on_the_fly_and_its_snapshot(files, tmp_path):
+@pytest.mark.parametrize('norm', [None, 'edm2'])
+def test_training_on_the_fly_and_its_snapshot(files, tmp_path, norm):
     proc = h.run_train(f'--outdir={tmp_path}/runs', f'--data={files["images"]}', '--latents-on-the-fly',
                        f'--vae={files["vae"]}', '--augment=0', '--cbase=8', '--cres=1,1', '--blocks=1', '--attn=4',
-                       '--batch=8', '--device=cpu', '--workers=0', '--duration=0.00005', '--tick=0.00005', '--seed=1')
+                       '--batch=8', '--device=cpu', '--workers=0', '--duration=0.00005', '--tick=0.00005', '--seed=1',
+                       *([f'--latent-norm={norm}'] if norm else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(h.only_run_dir(str(tmp_path / 'runs')), 'training_options.json')) as f:
         options = json.load(f)
-    assert options['latent_kwargs'] == dict(on_the_fly=True, vae=files['vae'], scale=0.18215)
+    setting = latent_setting(norm or 'sd', files['vae'])  # sd: dict(vae, scale=0.18215), as before normalisations had names
+    assert options['latent_kwargs'] == dict(on_the_fly=True, **setting)
     from training.snapshot import load_network
     net = load_network(h.only_run_dir(str(tmp_path / 'runs')))
-    assert (net.img_resolution, net.img_channels, net.latent) == (RES // FACTOR, 4, dict(vae=files['vae'], scale=0.18215))
+    assert (net.img_resolution, net.img_channels, net.latent) == (RES // FACTOR, 4, setting)
+    images = generate_images(net, [0, 1], torch.device('cpu'), num_steps=2, decoder=latent_decoder(net, torch.device('cpu')))
+    assert images.shape == (2, 3, RES, RES) and images.dtype == torch.uint8
 
 
 def test_guidance_with_a_conditional_latent_model(files):
@@ -248,3 +259,126 @@ def test_paper_presets_pin_the_papers_loss_normalisation(files, tmp_path):
     assert dry_run_loss_norm('celeba64', images64, tmp_path, '--loss-norm=pixel') == 'pixel'  # the command line wins
     assert dry_run_loss_norm('cifar10-32', h.make_dataset(str(tmp_path / 'shapes-32x32.zip'), resolution=32, num=4),
                              tmp_path) == 'pixel'  # EDM's settings, not the paper's: the project's default
+
+
+#----------------------------------------------------------------------------
+# Latent normalisations with a stub VAE (no diffusers needed).
+
+class IdentityVAE:
+    """Stub AutoencoderKL with factor 1: encodes RGB as 4 channels (the 4th their mean) with std 0; decodes the first 3."""
+
+    config = dict(latent_channels=4, block_out_channels=(8,))
+
+    def encode(self, pixels: torch.Tensor) -> types.SimpleNamespace:
+        mean = torch.cat([pixels, pixels.mean(1, keepdim=True)], dim=1)
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mean=mean, std=torch.zeros_like(mean)))
+
+    def decode(self, latents: torch.Tensor) -> types.SimpleNamespace:
+        return types.SimpleNamespace(sample=latents[:, :3])
+
+
+@pytest.fixture
+def stub_vae(monkeypatch) -> None:
+    """Every LatentCodec loads an IdentityVAE, whatever VAE it names."""
+    monkeypatch.setattr(latents, 'load_vae', lambda name, device=None: IdentityVAE())
+
+
+def per_channel(values) -> torch.Tensor:
+    """Per-channel values as a float32 [1, C, 1, 1] tensor."""
+    return torch.tensor(values, dtype=torch.float32).reshape(1, -1, 1, 1)
+
+
+def test_edm2_normalisation_against_a_hand_computation():
+    setting = latent_setting('edm2')
+    assert setting['vae'] == 'stabilityai/sd-vae-ft-mse' and setting['pixels'] == UNIT
+    assert setting['scale'] == [float(np.float32(0.5) / np.float32(s)) for s in EDM2_RAW_STD]  # float32, as EDM2 computes it
+    raw = torch.tensor([5.81, 3.25 + 4.62, 0.12 - 2 * 3.71, -2.15 + 0.5 * 3.28]).reshape(1, 4, 1, 1).expand(2, 4, 3, 3)
+    hand = torch.tensor([0.0, 0.5, -1.0, 0.25]).reshape(1, 4, 1, 1)  # (raw - raw_mean) / raw_std * 0.5 + 0
+    torch.testing.assert_close(LatentNorm.of(setting).normalise(raw), hand.expand(2, 4, 3, 3), rtol=0, atol=1e-6)
+    moments, generator = torch.cat([raw, torch.full_like(raw, 0.3)], dim=1), torch.Generator().manual_seed(0)
+    noise = torch.randn([2, 4, 3, 3], generator=torch.Generator().manual_seed(0))
+    raw_mean, raw_std = per_channel(EDM2_RAW_MEAN).double(), per_channel(EDM2_RAW_STD).double()
+    expected = ((raw.double() + 0.3 * noise.double()) - raw_mean) / raw_std * 0.5
+    sampled = sample_latents(moments, setting['scale'], generator, setting['bias'])
+    torch.testing.assert_close(sampled.double(), expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match='4 per-channel latent values for 3 latent channels'):
+        LatentNorm.of(setting).normalise(raw[:, :3])
+
+
+@pytest.mark.parametrize('norm', ['sd', 'edm2'])
+def test_encode_then_decode_returns_the_input(stub_vae, norm):
+    codec = LatentCodec.of(latent_setting(norm, 'stub'))
+    images = torch.randint(0, 256, [2, 3, 8, 8], dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    final = codec.encode(images)
+    pixels = codec.norm.to_vae(images)
+    torch.testing.assert_close(codec.norm.raw(final)[:, :3], pixels, rtol=0, atol=1e-6)
+    decoded = codec.decode(final)
+    if norm == 'sd':  # EDM's rounding: exact
+        assert torch.equal(decoded, images)
+    else:  # EDM2's truncation of pixels * 255: where the float32 round trip lands just below an integer, one less
+        assert set((images.int() - decoded.int()).unique().tolist()) <= {0, 1} and torch.equal(pixels, images.float() / 255)
+
+
+def test_an_edm2_latent_snapshot_decodes_with_its_per_channel_values(stub_vae, tmp_path):
+    from bench import edm2_cases
+    from test_networks_edm2 import SMALL, StabilityVAEEncoder, edm2_snapshot
+    from training.networks_edm2 import EDM2Precond
+    from training.snapshot import load_network
+    net = EDM2Precond(**dict(SMALL, img_channels=4))
+    encoder = StabilityVAEEncoder('stub', **edm2_cases.VAE_ENCODER)  # final_mean 0.125: a bias in every channel
+    (tmp_path / 'edm2.pkl').write_bytes(edm2_snapshot(net, encoder, str(tmp_path / 'executed')))
+    loaded = load_network(str(tmp_path / 'edm2.pkl'))
+    assert loaded.latent == dict(vae='stub', scale=[float(v) for v in encoder.scale], bias=[float(v) for v in encoder.bias],
+                                 pixels=UNIT)
+    final = torch.randn([2, 4, 16, 16], generator=torch.Generator().manual_seed(2))
+    raw = (final - per_channel(encoder.bias)) / per_channel(encoder.scale)
+    expected = raw[:, :3].clamp(0, 1).mul(255).to(torch.uint8)  # EDM2's StabilityVAEEncoder.decode after the VAE
+    assert torch.equal(latent_decoder(loaded, torch.device('cpu'))(final), expected)
+    assert 0 < (expected == 0).float().mean() < 0.9  # the clamp and the values in between both show
+
+
+def test_scalar_scale_latents_are_unchanged(stub_vae):
+    from training.training_loop import latent_setup
+    old = dict(vae='stub', scale=0.18215)  # old snapshots' and data sets' `latent`, and latent_setting('sd')
+    assert latent_setting('sd', 'stub') == old and LatentNorm.of(old) == LatentNorm(0.18215, 0.0, '-1..1')
+    moments = torch.rand([2, 8, 4, 4])
+    mean, std = moments.chunk(2, dim=1)
+    noise = torch.randn([2, 4, 4, 4], generator=torch.Generator().manual_seed(3))
+    assert torch.equal(sample_latents(moments, 0.18215, torch.Generator().manual_seed(3)), (mean + std * noise) * 0.18215)
+    net = types.SimpleNamespace(latent=old)
+    final = torch.randn([2, 4, 8, 8])
+    assert torch.equal(latent_decoder(net, torch.device('cpu'))(final), to_uint8(final[:, :3] / 0.18215))
+    dataset = types.SimpleNamespace(resolution=8, num_channels=3, latent=None)
+    _, codec, latent, _, channels = latent_setup(dataset, dict(on_the_fly=True, vae='stub'), False, torch.device('cpu'))
+    assert latent == old and channels == 4 and codec.norm == LatentNorm(0.18215)
+
+
+def latent_zip(path: str, setting: dict, res: int = 64, num: int = 2) -> str:
+    """A labelled latent data set of random moments, with `setting` in dataset.json as dataset_tool.py writes it."""
+    rng = np.random.RandomState(0)
+    with zipfile.ZipFile(path, 'w') as z:
+        for i in range(num):
+            buffer = io.BytesIO()
+            np.save(buffer, rng.rand(1, 8, res, res).astype(np.float32) + 0.1)
+            z.writestr(f'{i:03d}.npy', buffer.getvalue())
+        meta = dict(latents=dict(setting, channels=4, factor=8, flips=False), labels=[[f'{i:03d}.npy', i] for i in range(num)])
+        z.writestr('dataset.json', json.dumps(meta))
+    return path
+
+
+def test_edm2_img512_preset_trains_on_edm2_latents(tmp_path):
+    from train import build_config, check_latent_norm, preset_options
+    data = latent_zip(str(tmp_path / 'edm2.zip'), latent_setting('edm2'))
+    assert LatentFolderDataset(data).latent == latent_setting('edm2')
+    proc = h.run_train('--preset=edm2-img512-s', f'--data={data}', f'--outdir={tmp_path}/runs', '--device=cpu', '--dry-run',
+                       timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    printed = json.loads(proc.stdout[proc.stdout.index('{'):proc.stdout.rindex('}') + 1])
+    assert printed['training_options']['latent_norm'] == 'edm2' and printed['latent_kwargs'] == dict(on_the_fly=False, vae=None)
+    assert printed['network_kwargs']['class_name'] == 'training.networks_edm2.EDM2Precond'
+    sd_data = LatentFolderDataset(latent_zip(str(tmp_path / 'sd.zip'), latent_setting('sd')))
+    with pytest.raises(click.BadParameter, match='--latent-norm=edm2') as err:
+        check_latent_norm(preset_options('edm2-img512-s', data='sd.zip'), sd_data)
+    assert err.value.param_hint == '--latent-norm'
+    on_the_fly = build_config(preset_options('edm2-img512-s', latents=False, latents_on_the_fly=True), 'd', 512, 1)
+    assert on_the_fly.latent_kwargs == dict(on_the_fly=True, **latent_setting('edm2'))

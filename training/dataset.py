@@ -14,6 +14,8 @@ import PIL.Image
 import psutil
 import torch
 
+from training.latents import LatentNorm, latent_record
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 GRAYSCALE_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
 
@@ -392,7 +394,8 @@ class LatentFolderDataset(ImageFolderDataset):
 
     Each .npy file holds [F, 2C, h, w]: the moments of the image and, with F = 2, of its mirror image, so that
     x-flipped items are the encodings of flipped images (the VAE does not commute with flips). dataset.json holds
-    the labels and a "latents" entry naming the VAE and scale. `image_shape` and `num_channels` describe the latents.
+    the labels and a "latents" entry naming the VAE and its normalisation (scale, and bias and pixels if not Stable
+    Diffusion's: training.latents.latent_setting). `image_shape` and `num_channels` describe the latents.
     """
 
     extensions = ('.npy',)
@@ -419,7 +422,11 @@ class LatentFolderDataset(ImageFolderDataset):
         if not isinstance(meta, dict) or not {'vae', 'scale'} <= set(meta):
             raise DatasetError(f'{self.path}: not a latent data set (dataset.json has no "latents" entry with "vae" and '
                                '"scale"); make one with dataset_tool.py --encode-latents')
-        self.latent = dict(vae=meta['vae'], scale=float(meta['scale']))
+        self.latent = latent_record(meta)
+        try:
+            LatentNorm.of(self.latent)
+        except (TypeError, ValueError) as err:
+            raise DatasetError(f'{where}: its "latents" entry holds no valid normalisation ({err})') from None
         first = self._load_raw_image(0)
         if first.ndim != 4 or first.shape[0] not in (1, 2) or first.shape[1] % 2 or first.shape[2] != first.shape[3]:
             raise DatasetError(f'{self._where(self._image_names[0])}: shape {list(first.shape)} is not [1 or 2, 2C, h, h]')

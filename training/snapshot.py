@@ -137,7 +137,8 @@ def network_from_persisted(record: Persisted, path: str, encoder: Any = None) ->
 
 def edm2_latent(encoder: Any, path: str) -> Optional[dict]:
     """The `latent` setting for an EDM2 snapshot's encoder: None for pixels (StandardRGBEncoder, or no encoder), for
-    StabilityVAEEncoder its VAE and per-channel normalisation, final latents = raw latents * scale + bias."""
+    StabilityVAEEncoder its VAE and per-channel normalisation, final latents = raw latents * scale + bias, of pixels in
+    [0, 1] (training.latents.UNIT, not imported here: training.latents imports this module through training.images)."""
     name = encoder.class_name if isinstance(encoder, Persisted) else None
     if encoder is None or name == 'StandardRGBEncoder':
         return None
@@ -146,7 +147,7 @@ def edm2_latent(encoder: Any, path: str) -> Optional[dict]:
                             'and StabilityVAEEncoder')
     state = encoder.state
     per_channel = lambda key: [float(v) for v in np.ravel(state[key])]  # noqa: E731
-    return dict(vae=str(state['vae_name']), scale=per_channel('scale'), bias=per_channel('bias'))
+    return dict(vae=str(state['vae_name']), scale=per_channel('scale'), bias=per_channel('bias'), pixels='0..1')
 
 
 # What a training state holds besides tensors and plain containers: numpy arrays and scalars of the RNG states.

@@ -18,7 +18,7 @@ from torch_utils import distributed, misc, training_stats
 from training import snapshot
 from training.networks import check_patch_size
 from training.images import save_image_grid, to_float
-from training.latents import SD_SCALE, LatentCodec, sample_latents
+from training.latents import SD_SCALE, LatentCodec, LatentNorm, latent_record
 from training.patch import PatchSchedule, coordinate_grid
 from training.phema import PowerEMA, phema_snapshot_name, save_phema_snapshot, update_ema
 from training.sampler import generate_images
@@ -103,24 +103,25 @@ def latent_setup(dataset: torch.utils.data.Dataset, latent_kwargs: Optional[dict
                  device: torch.device) -> Tuple[Callable, Optional[LatentCodec], Optional[dict], int, int]:
     """(to_training, codec or None, the network's `latent` setting, resolution, channels) for pixels or latents.
 
-    latent_kwargs None trains on pixels. Otherwise, with on_the_fly the data set holds images that the VAE
-    (latent_kwargs vae, scale) encodes at every step, as the official code does; without it the data set holds
-    moments that dataset_tool.py --encode-latents wrote once, and `vae` only overrides where the VAE is loaded from.
+    latent_kwargs None trains on pixels. Otherwise, with on_the_fly the data set holds images that the VAE (latent_kwargs
+    vae, scale, and bias and pixels if given: training.latents.latent_setting) encodes at every step, as the official
+    code does; without it the data set holds moments that dataset_tool.py --encode-latents wrote once, with their
+    normalisation, and `vae` only overrides where the VAE is loaded from.
     """
     if latent_kwargs is None:
         return to_float, None, None, dataset.resolution, dataset.num_channels
     on_the_fly = latent_kwargs.get('on_the_fly', False)
     if on_the_fly:
-        latent = dict(vae=latent_kwargs['vae'], scale=latent_kwargs.get('scale', SD_SCALE))
+        latent = latent_record({'scale': SD_SCALE, **latent_kwargs})
     elif dataset.latent is None:
         raise ValueError(f'{dataset.path}: training on pre-encoded latents needs a latent data set '
                          '(dataset_tool.py --encode-latents); to encode images at every step, use --latents-on-the-fly')
     else:
         latent = dict(dataset.latent, vae=latent_kwargs.get('vae') or dataset.latent['vae'])
-    codec = LatentCodec(latent['vae'], latent['scale'], device) if on_the_fly or need_decoder else None
+    codec = LatentCodec.of(latent, device) if on_the_fly or need_decoder else None
     if on_the_fly:
         return codec.encode, codec, latent, dataset.resolution // codec.factor, codec.channels
-    return (lambda moments: sample_latents(moments, latent['scale'])), codec, latent, dataset.resolution, dataset.num_channels
+    return LatentNorm.of(latent).sample, codec, latent, dataset.resolution, dataset.num_channels
 
 
 def state_loss_norm(state: Dict[str, Any]) -> str:
@@ -309,7 +310,7 @@ def training_loop(
     optimizer_kwargs: dict,
     augment_kwargs: Optional[dict] = None,
     patch_kwargs: Optional[dict] = None,     # PatchSchedule options (real_p, mode); None trains on whole images
-    latent_kwargs: Optional[dict] = None,    # train on VAE latents: dict(on_the_fly, vae, scale); None trains on pixels
+    latent_kwargs: Optional[dict] = None,    # train on VAE latents: dict(on_the_fly, vae, scale[, bias, pixels]); None trains on pixels
     seed: int = 0,
     batch_size: int = 512,
     batch_gpu: Optional[int] = None,
