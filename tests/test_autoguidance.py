@@ -285,16 +285,20 @@ def test_stored_edm2_inputs_are_ours(edm2_data):
     from training.sampler import StackedRandomGenerator
     assert edm2_data['networks'] == check_autoguidance.NETWORKS and edm2_data['seeds'] == check_autoguidance.SEEDS
     assert edm2_data['modes'] == check_autoguidance.MODES
-    assert torch.equal(StackedRandomGenerator(CPU, edm2_data['seeds']).randn(list(edm2_data['noise'].shape)), edm2_data['noise'])
+    # torch's vectorised normal sampler rounds differently by CPU kernel: AVX2 against default differ by up to 1.8e-6
+    # at values up to 4.1, 4 float32 ulps (4.8e-7 each there); 8e-6 leaves 4x that.
+    noise = StackedRandomGenerator(CPU, edm2_data['seeds']).randn(list(edm2_data['noise'].shape))
+    torch.testing.assert_close(noise, edm2_data['noise'], rtol=0, atol=8e-6)
 
 
 @pytest.mark.parametrize('dtype', ['float16', 'float32'])
 def test_autoguided_images_equal_edm2s(edm2_data, dtype):
-    """Every mode gives EDM2's uint8 images for the same networks and seeds: exactly on the CPU model that stored them;
-    elsewhere float32 kernels may round differently, so at most 4 of a mode's 3072 values may differ, by 1."""
+    """Every mode gives EDM2's uint8 images for the same networks and seeds, up to float32 rounding: stored on another
+    machine, the images may differ where a value sits at a rounding boundary, so at most 4 of a mode's 3072 values may
+    differ, by 1. Measured: 0 on the machine that stored them, 1 with ATEN_CPU_CAPABILITY=default there; EDM2's own
+    sampler run beside ours (bench/check_autoguidance.py) gives 0 in every mode."""
     from bench import check_autoguidance
     nets = check_autoguidance.rebuilt_networks(getattr(torch, dtype))
-    same_cpu = check_autoguidance.cpu_name() == edm2_data['cpu']
     for mode in edm2_data['modes']:
         counts = check_autoguidance.count_differing(check_autoguidance.sample_ours(nets, mode), edm2_data['images'][mode, dtype])
-        assert counts['differing'] <= (0 if same_cpu else 4) and counts['max_diff'] <= 1, (mode, counts)
+        assert counts['differing'] <= 4 and counts['max_diff'] <= 1, (mode, counts)
