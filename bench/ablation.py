@@ -67,15 +67,25 @@ class Arm(NamedTuple):
     flags: List[str]
 
 
+# EDM2's network and loss (learned uncertainty) sized like the demo preset's DDPM++ (docs/results-edm2.md: FLOPs per step
+# within 3%, CPU time within 10%); with --preset=demo they keep its batch, EMA, ramp-up and P_mean/P_std (-0.8, 1.6, as
+# EDM2's ImageNet-64 presets). lr 0.03 (best of a sweep of 0.003..0.1 at batch 16) with EDM2's inv-sqrt decay from the
+# end of the ramp-up (125 steps of 16 = 2 kimg), which acts in runs ended by a wall-clock budget, where --lr-cooldown
+# (a share of --duration) never starts.
+EDM2_FLAGS = ['--arch=edm2', '--precond=edm2', '--attn=8', '--lr=0.03', '--lr-decay=inv-sqrt', '--lr-ref-batches=125',
+              '--lr-cooldown=0']
 ARMS = {'full': Arm('full (EDM)', ['--patch=off']),
         'p1.0': Arm('p=1.0', ['--real_p=1.0']),
         'p0.5-image': Arm('p=0.5 image', ['--real_p=0.5', '--loss-norm=image']),
         'p0.5-pixel': Arm('p=0.5 pixel', ['--real_p=0.5', '--loss-norm=pixel']),
         'p0.25-pixel': Arm('p=0.25 pixel', ['--real_p=0.25', '--loss-norm=pixel']),
         'progressive-pixel': Arm('progressive pixel', ['--real_p=0.5', '--progressive=True', '--loss-norm=pixel']),
-        'p0-pixel': Arm('p=0 pixel', ['--real_p=0', '--loss-norm=pixel'])}
-DEFAULT_ARMS = [name for name in ARMS if name != 'p1.0']
-PAIRS = [('p0.5-pixel', 'full'), ('p0.5-pixel', 'p0.5-image')]  # (a, b): per-seed final held-out loss of a minus b
+        'p0-pixel': Arm('p=0 pixel', ['--real_p=0', '--loss-norm=pixel']),
+        'edm2-full': Arm('EDM2 full', [*EDM2_FLAGS, '--patch=off']),
+        'edm2-p0.5': Arm('EDM2 p=0.5 pixel', [*EDM2_FLAGS, '--real_p=0.5', '--loss-norm=pixel'])}
+DEFAULT_ARMS = [name for name in ARMS if name != 'p1.0' and not name.startswith('edm2')]
+PAIRS = [('p0.5-pixel', 'full'), ('p0.5-pixel', 'p0.5-image'),  # (a, b): per-seed final held-out loss of a minus b
+         ('edm2-p0.5', 'edm2-full'), ('edm2-full', 'full'), ('edm2-p0.5', 'p0.5-pixel')]
 METRICS = ('kimg', 'heldout_loss', 'heldout_loss_at_kimg', 'coherence', 'fid', 'kid')  # per-run values summarised over seeds
 MARKER = 'ablation-finished.json'  # written into a run directory when its training ended well
 SCORES = 'ablation-scores.json'    # a run's scores and what they were computed with

@@ -8,12 +8,14 @@ import os
 import click
 import PIL.Image
 import pytest
+import torch
 from click.testing import CliRunner
 
 import dataset_tool
 from bench import ablation
 from training import demo_shapes
 from training.evaluate import heldout_loss
+from training.networks_edm2 import EDM2Precond
 from training.phema import RESIDUAL_WARNING, find_phema_snapshots, load_phema_snapshot
 from training.snapshot import load_network, newest_file
 
@@ -109,6 +111,22 @@ def test_ablation_trains_scores_and_reports(tmp_path):
     assert 'reusing' in result.output and 'training for' not in result.output
     text = report.read_text()
     assert text.count(ablation.END_MARKER) == 1 and text.endswith(ablation.END_MARKER + '\nRead by hand.\n')
+
+
+@pytest.mark.parametrize('arm, pos_channels', [('edm2-full', 0), ('edm2-p0.5', 2)])
+def test_edm2_arms_train_edm2_and_their_snapshots_score(tmp_path, arm, pos_channels):
+    command = ablation.Setup('data.zip', 'demo', 4.0, (), 60.0, 1, 30.0).command(ablation.Run(arm, 0, str(tmp_path)))
+    assert {'--arch=edm2', '--precond=edm2', '--lr-decay=inv-sqrt'} <= set(command) and arm not in ablation.DEFAULT_ARMS
+    assert ('--patch=off' in command) == (pos_channels == 0)
+    # Scoring calls the EMA as EDMPrecond is called: the held-out loss with the coordinate grid where the net has
+    # coordinate channels, sampling without; EDM2Precond takes both.
+    torch.manual_seed(0)
+    net = EDM2Precond(img_resolution=8, img_channels=3, pos_channels=pos_channels, use_fp16=False, model_channels=8,
+                      channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]).eval()
+    losses = heldout_loss(net, demo_shapes.heldout_images(4, 8), batch=2)
+    assert math.isfinite(losses['mean']) and losses['mean'] > 0
+    images = ablation.sample(net, 3, 2)
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 8, 8)
 
 
 def test_unknown_arm_is_rejected(tmp_path):

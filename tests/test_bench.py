@@ -335,3 +335,15 @@ def test_sample_speed_edm_sampler_that_fails_costs_only_its_columns():
         raise RuntimeError('out of memory')
     row = sample_speed.measure_batch(net, 1, 2, 1, torch.device('cpu'), common.PeakMemory(torch.device('cpu')), broken_sampler)
     assert row['edm_error'] == 'RuntimeError: out of memory' and row['images_per_sec'] > 0 and 'ours_vs_edm' not in row
+
+
+def test_network_cost_sizes_the_study_arm_like_the_demo_net(tmp_path):
+    """bench/network_cost.py reports every network; the EDM2 arm of docs/results-edm2.md costs the demo DDPM++'s FLOPs
+    within 5% (measured 7.70 against 7.47 GFLOP per step), and so do their parameters (1.203 M against 1.236 M)."""
+    from bench import network_cost
+    invoke(network_cost.main, ['--steps=1', f'--json={tmp_path / "cost.json"}'])
+    rows = {row['network']: row for row in json.load(open(tmp_path / 'cost.json'))['rows']}
+    assert set(rows) == {'ddpm++ of configs/demo.json', *network_cost.EDM2_CANDIDATES}
+    ddpmpp, edm2 = rows['ddpm++ of configs/demo.json'], rows['edm2 32; 1,2,2; 1 block; attn 8 (the study arm)']
+    assert abs(edm2['gflop'] / ddpmpp['gflop'] - 1) < 0.05 and abs(edm2['params_m'] / ddpmpp['params_m'] - 1) < 0.05
+    assert all(row['ms_per_step'] > 0 for row in rows.values())
