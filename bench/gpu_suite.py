@@ -6,12 +6,16 @@ go into the docs) after every step, so a part that fails or runs out of time is 
 goes on; what finished is never lost.
 
 1. correctness: the tests marked `cuda` (tests/test_cuda.py: torchrun + NCCL bf16 resume, fp16, generate.py and the
-   painting paths, --compile at every patch size), with pytest's JUnit XML read back per test.
+   painting paths, --compile at every patch size; tests/test_networks_edm2.py: EDM2's float16 path), with pytest's
+   JUnit XML read back per test.
 2. speed: bench/vs_official.py on celeba64 (the official fp32 step from its checkout, then this project's fp32, bf16,
    fp16 and bf16+compile; compile last and capped), bench/sample_speed.py (50 Heun steps at batch 256, against EDM's own
    edm_sampler on the same network) and bench/data_wait.py (the loader's share of the step at p=0.5 and p=0).
-3. payoff: bench/ablation.py on Twemoji 32x32: full-image EDM, p=0.5 with --loss-norm=pixel and with image, equal
-   wall-clock each, on a network and batch sized for a GPU; held-out loss, kimg, and each arm's samples as uint8 .npz.
+3. payoff: bench/ablation.py on Twemoji 32x32: full-image EDM, p=0.5 with --loss-norm=pixel and with image, and
+   EDM2's network and loss at p=0.5 pixel (ablation.py's edm2-p0.5: patches through the magnitude-preserving U-Net,
+   its coordinate channels and learned uncertainty, in bf16), equal wall-clock each (30 s: four arms in the 120 s of
+   training that three arms of 40 s had), on a network and batch sized for a GPU; held-out loss, kimg, and each arm's
+   samples as uint8 .npz.
 
 `score` runs afterwards on any machine with the offline Inception (requirements-fid.txt): FID and KID of the payoff
 samples against the training set, added to the JSON and the tables, and a sample grid per arm.
@@ -48,7 +52,7 @@ from bench.common import environment  # noqa: E402
 from training.snapshot import atomic_write  # noqa: E402
 
 PARTS = ('correctness', 'speed', 'payoff')
-PAYOFF_ARMS = ('full', 'p0.5-pixel', 'p0.5-image')
+PAYOFF_ARMS = ('full', 'p0.5-pixel', 'p0.5-image', 'edm2-p0.5')
 JSON_NAME, MD_NAME, LOG_NAME, LOGS_NAME = 'gpu_suite.json', 'gpu_suite.md', 'gpu_suite.log', 'gpu_suite-logs.tgz'
 DEADLINE_RESERVE_S = 10  # kept free before --deadline for writing the results
 TARGETS = dict(speedup_vs_official=2.0, p_vs_full=2.4)
@@ -63,7 +67,7 @@ SIZES = {
         sample_batch=256, sample_steps=50, sample_cap=90,
         wait_preset='celeba64', wait_resolution=64, wait_images=2000, wait_kimg=4, wait_extra='--batch=64 --bf16 --workers=4',
         wait_cap=75,
-        payoff_budget=40, payoff_tick=20, payoff_samples=2000, payoff_steps=18, payoff_points=4, payoff_cap=200,
+        payoff_budget=30, payoff_tick=20, payoff_samples=2000, payoff_steps=18, payoff_points=4, payoff_cap=200,
         payoff_extra='--device=cuda --workers=4 --cbase=64 --blocks=2 --batch=256 --bf16 --lr-rampup=0.01 --ema=0.01',
     ),
     'smoke': dict(
@@ -172,7 +176,8 @@ def part_correctness(suite: Suite, size: Dict[str, Any], smoke: bool) -> None:
     xml = os.path.join(suite.workdir, 'cuda-tests.xml')
     if os.path.exists(xml):
         os.remove(xml)
-    suite.step('correctness', 'pytest', [sys.executable, '-m', 'pytest', '-m', 'cuda', 'tests/test_cuda.py', '-q', '-rs',
+    suite.step('correctness', 'pytest', [sys.executable, '-m', 'pytest', '-m', 'cuda', 'tests/test_cuda.py',
+                                         'tests/test_networks_edm2.py', '-q', '-rs',
                                          '-p', 'no:cacheprovider', f'--junitxml={xml}'], size['tests_cap'],
                env=dict(PATCHDIFF_CUDA_TESTS_ON_CPU='1') if smoke else None)
     part = suite.record['parts']['correctness']
@@ -216,7 +221,7 @@ def part_speed(suite: Suite, size: Dict[str, Any], official: Optional[str], edm:
 
 
 def part_payoff(suite: Suite, size: Dict[str, Any], data: Optional[str], heldout: Optional[str]) -> None:
-    """The three arms at equal wall clock with bench/ablation.py; their samples are copied into `out`."""
+    """The PAYOFF_ARMS at equal wall clock with bench/ablation.py; their samples are copied into `out`."""
     if data is None:  # smoke: a small demo set, held-out loss on fresh demo images
         data = os.path.join(suite.workdir, 'shapes-32.zip')
         if not os.path.isfile(data):
