@@ -174,17 +174,19 @@ def compare_edm2(outdir: str) -> List[Dict]:
     from EDM2's in every mode of edm2_cases.outputs (absolute, and relative to the largest value)."""
     rows = []
     for name in edm2_cases.CASES:
-        net = load_network(os.path.join(outdir, f'{name}.pkl'))
+        net = load_network(os.path.join(outdir, f'{name}.pkl'))  # in the pickle's dtype, as EDM2 samples it
         io = torch.load(os.path.join(outdir, f'{name}-io.pt'))
         layout = [(k, list(v.shape)) for k, v in net.state_dict().items()]
-        ours = edm2_cases.outputs(net, io)
+        with torch.no_grad():
+            as_stored = net(io['x'], io['sigma'], class_labels=io['class_labels'], return_logvar=True)
+        ours = edm2_cases.outputs(net.float(), io)  # EDM2's outputs in every mode are of its float32 network
         for mode, (D, logvar) in ours.items():
             diff = max(float((D - io[mode][0]).abs().max()), float((logvar - io[mode][1]).abs().max()))
             scale = max(float(io[mode][0].abs().max()), float(io[mode][1].abs().max()))
             rows.append(dict(case=f'{name} ({mode})', loaded_as=type(net).__name__, pos_channels=net.pos_channels,
                              max_abs_diff=diff, max_rel_diff=diff / scale if layout == io['layout'] else float('inf'),
                              layout_equal=layout == io['layout'], latent=net.latent,
-                             vs_stored_dtype=float((ours['eval'][0] - io['stored_dtype_eval'][0]).abs().max())))
+                             vs_stored_dtype=float((as_stored[0] - io['stored_dtype_eval'][0]).abs().max())))
     return rows
 
 
