@@ -498,6 +498,12 @@ def check_patch_size(channel_mult: Sequence[int], size: Union[int, Sequence[int]
 #----------------------------------------------------------------------------
 # Preconditioning.
 
+def edm_scalings(sigma: torch.Tensor, sigma_data: float) -> tuple:
+    """EDM's (c_skip, c_out, c_in, c_noise) for noise levels sigma (Table 1 of Karras et al. 2022; EDM2 keeps them)."""
+    var = sigma ** 2 + sigma_data ** 2
+    return sigma_data ** 2 / var, sigma * sigma_data / var.sqrt(), 1 / var.sqrt(), sigma.log() / 4
+
+
 class PrecondBase(torch.nn.Module):
     """What every preconditioner shares: its interface attributes, input checks, label handling and network dtype.
 
@@ -730,5 +736,4 @@ class EDMPrecond(_Precond):
 
     def scalings(self, sigma: torch.Tensor):
         """EDM scalings (Table 1 of Karras et al.); the network sees log(sigma) / 4."""
-        var = sigma ** 2 + self.sigma_data ** 2
-        return self.sigma_data ** 2 / var, sigma * self.sigma_data / var.sqrt(), 1 / var.sqrt(), sigma.log() / 4
+        return edm_scalings(sigma, self.sigma_data)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from torch_utils import persistence
-from training.networks import PrecondBase
+from training.networks import PrecondBase, edm_scalings
 
 #----------------------------------------------------------------------------
 # Magnitude-preserving operations.
@@ -306,9 +306,8 @@ class EDM2Precond(PrecondBase):
         self.check_inputs(x, x_pos)
         x, sigma, class_labels = self.float_inputs(x, sigma, class_labels)
         dtype = self.model_dtype(x.device, force_fp32)
-        var = self.sigma_data ** 2 + sigma ** 2
-        c_skip, c_out, c_in = self.sigma_data ** 2 / var, sigma * self.sigma_data / var.sqrt(), 1 / var.sqrt()
-        c_noise = sigma.flatten().log() / 4
+        c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
+        c_noise = c_noise.flatten()
         F_x = self.unet(self.with_coordinates(c_in * x, x_pos).to(dtype), c_noise, class_labels, **unet_kwargs)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if not return_logvar:
