@@ -27,7 +27,7 @@ import torch
 from bench import common
 from torch_utils.distributed import choose_device
 from train import build_config, preset_options
-from training.latents import SD_SCALE, LatentCodec, LatentError, import_autoencoder, sample_latents
+from training.latents import SD_SCALE, LatentCodec, LatentError, LatentNorm, import_autoencoder
 from training.loss import PatchEDMLoss
 from training.networks import check_patch_size
 from training.patch import PatchSchedule
@@ -122,7 +122,7 @@ def main(preset: str, vae: str, resolution: int, batch: int, cbase: Optional[int
     moments = torch.cat([codec.encode_moments(part) for part in images.split(batch)])  # what the data set would serve
     loss_fn = PatchEDMLoss()
     paths = []
-    for name, make_latents in [('pre-encoded', lambda m: sample_latents(moments[:batch * m], SD_SCALE)),
+    for name, make_latents in [('pre-encoded', lambda m: LatentNorm(SD_SCALE).sample(moments[:batch * m])),
                                ('on-the-fly', lambda m: codec.encode(images[:batch * m]))]:
         net = common.build_network(c.network_kwargs, latent_res, 0, torch_device, channels=codec.channels).train()
         paths.append(Path(name, make_latents, net, opts.lr))

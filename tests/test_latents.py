@@ -23,7 +23,7 @@ import training_helpers as h
 from training import latents
 from training.dataset import DatasetError, ImageFolderDataset, LatentFolderDataset
 from training.latents import (EDM2_RAW_MEAN, EDM2_RAW_STD, INSTALL_HINT, UNIT, LatentCodec, LatentError, LatentNorm,
-                              latent_decoder, latent_setting, load_vae, sample_latents)
+                              latent_decoder, latent_setting, load_vae)
 from training.networks import EDMPrecond
 from training.patch import coordinate_grid
 from training.sampler import edm_sampler, generate_images, to_uint8
@@ -130,7 +130,7 @@ def test_pre_encoded_and_on_the_fly_give_the_same_latents(files):
         torch.testing.assert_close(moments, codec.encode_moments(image), rtol=1e-4, atol=1e-4)
         generator = torch.Generator().manual_seed(idx)
         on_the_fly = codec.encode(image, generator=torch.Generator().manual_seed(idx))
-        torch.testing.assert_close(sample_latents(moments, 0.18215, generator), on_the_fly, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(LatentNorm(0.18215).sample(moments, generator), on_the_fly, rtol=1e-4, atol=1e-4)
     # The flip is encoded, not mirrored: the VAE does not commute with flips.
     flipped_moments = torch.from_numpy(stored[NUM + 1][0])
     assert not torch.allclose(flipped_moments, torch.from_numpy(stored[1][0]).flip(2), atol=1e-3)
@@ -299,7 +299,7 @@ def test_edm2_normalisation_against_a_hand_computation():
     noise = torch.randn([2, 4, 3, 3], generator=torch.Generator().manual_seed(0))
     raw_mean, raw_std = per_channel(EDM2_RAW_MEAN).double(), per_channel(EDM2_RAW_STD).double()
     expected = ((raw.double() + 0.3 * noise.double()) - raw_mean) / raw_std * 0.5
-    sampled = sample_latents(moments, setting['scale'], generator, setting['bias'])
+    sampled = LatentNorm(setting['scale'], setting['bias']).sample(moments, generator)
     torch.testing.assert_close(sampled.double(), expected, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match='4 per-channel latent values for 3 latent channels'):
         LatentNorm.of(setting).normalise(raw[:, :3])
@@ -344,7 +344,7 @@ def test_scalar_scale_latents_are_unchanged(stub_vae):
     moments = torch.rand([2, 8, 4, 4])
     mean, std = moments.chunk(2, dim=1)
     noise = torch.randn([2, 4, 4, 4], generator=torch.Generator().manual_seed(3))
-    assert torch.equal(sample_latents(moments, 0.18215, torch.Generator().manual_seed(3)), (mean + std * noise) * 0.18215)
+    assert torch.equal(LatentNorm(0.18215).sample(moments, torch.Generator().manual_seed(3)), (mean + std * noise) * 0.18215)
     net = types.SimpleNamespace(latent=old)
     final = torch.randn([2, 4, 8, 8])
     assert torch.equal(latent_decoder(net, torch.device('cpu'))(final), to_uint8(final[:, :3] / 0.18215))

@@ -152,12 +152,6 @@ class LatentNorm:
         return self.normalise(mean + std * noise)
 
 
-def sample_latents(moments: torch.Tensor, scale: Channels, generator: Optional[torch.Generator] = None,
-                   bias: Channels = 0.0) -> torch.Tensor:
-    """Final latents (mean + std * noise) * scale + bias [N, C, h, w] from posterior moments [N, 2C, h, w] (mean, std)."""
-    return LatentNorm(scale, bias).sample(moments, generator)
-
-
 class LatentCodec:
     """Pixels <-> final latents with one VAE and one LatentNorm; uint8 images in, float latents out, and back."""
 
