@@ -145,8 +145,8 @@ def network_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
                       channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2])
     elif opts.arch == 'adm':
         kwargs.update(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4])
-    for flag, name, value in (('cbase', 'model_channels', opts.cbase), ('cres', 'channel_mult', parse_int_list(opts.cres)),
-                              ('blocks', 'num_blocks', opts.blocks), ('attn', 'attn_resolutions', parse_int_list(opts.attn))):
+    for name, value in (('model_channels', opts.cbase), ('channel_mult', parse_int_list(opts.cres)),
+                        ('num_blocks', opts.blocks), ('attn_resolutions', parse_int_list(opts.attn))):
         if value is not None:
             kwargs[name] = value
     # use_fp16/use_bf16 make the EMA in the snapshots sample in reduced precision, as in EDM; training itself runs
