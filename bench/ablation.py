@@ -68,8 +68,8 @@ class Arm(NamedTuple):
 
 
 # EDM2's network and loss (learned uncertainty) sized like the demo preset's DDPM++ (docs/results-edm2.md: FLOPs per step
-# within 3%, CPU time within 10%); with --preset=demo they keep its batch, EMA, ramp-up and P_mean/P_std (-0.8, 1.6, as
-# EDM2's ImageNet-64 presets). lr 0.03 (best of a sweep of 0.003..0.1 at batch 16) with EDM2's inv-sqrt decay from the
+# within 3%, CPU time within 10%); with --preset=demo they keep its batch, EMA, ramp-up and P_mean/P_std (-0.4, 1.6).
+# lr 0.03 (best of a sweep of 0.003..0.1 at batch 16) with EDM2's inv-sqrt decay from the
 # end of the ramp-up (125 steps of 16 = 2 kimg), which acts in runs ended by a wall-clock budget, where --lr-cooldown
 # (a share of --duration) never starts.
 EDM2_FLAGS = ['--arch=edm2', '--precond=edm2', '--attn=8', '--lr=0.03', '--lr-decay=inv-sqrt', '--lr-ref-batches=125',
